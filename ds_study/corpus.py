@@ -1,0 +1,228 @@
+"""Real text the embedded tasks and the model zoo are built from: the Python standard library.
+
+Every Python install ships its standard library, so the corpus exists on any machine with no
+network. Modules are split by a hash of their path into a *train* pool (pretraining text and
+fine-tuning examples) and two *evaluation* pools (profiling and test contexts), so no test
+passage, function or code line was ever seen in training.
+
+The three generated tasks mirror LongBench's three metric families:
+
+- ``pyqa`` (multi-document QA, F1): several passages, one per stdlib function (name, module,
+  signature, first docstring paragraph); the question asks for the parameters or the module of
+  one function; the others are distractors.
+- ``pysum`` (summarization, Rouge-L): the source of several functions; the reference is the
+  summary line its author wrote in the docstring of the requested one. The reference is present
+  in the context, so this is *extractive* summarization, far easier than multi_news.
+- ``pycode`` (code completion, code similarity): the code preceding a line of a stdlib file, and
+  that line (stripped) as the answer, as in LongBench's lcc.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import random
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3", "ensurepip"}
+POOLS = ("train", "profile", "test")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    module: str  # dotted module name, e.g. "json.decoder"
+    relpath: str  # path relative to the stdlib root
+    text: str
+
+    @property
+    def pool(self) -> str:
+        return pool_of(self.relpath)
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def pool_of(relpath: str) -> str:
+    """Stable pool of a module: 70% train, 8% profile, 22% test (by sha256 of its path)."""
+    h = int(hashlib.sha256(relpath.encode()).hexdigest()[:8], 16) % 100
+    return "profile" if h < 8 else "test" if h < 30 else "train"
+
+
+def stdlib_sources(root: Path | None = None) -> list[SourceFile]:
+    """All stdlib ``.py`` files except tests and vendored code, sorted by path."""
+    root = root or stdlib_root()
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("config-"))
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            module = rel[:-3].replace("/", ".").removesuffix(".__init__")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            out.append(SourceFile(module, rel, text))
+    out.sort(key=lambda s: s.relpath)
+    return out
+
+
+def provenance() -> dict:
+    return {
+        "corpus": "Python standard library",
+        "python": sys.version.split()[0],
+        "stdlib_root": str(stdlib_root()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Function extraction
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    module: str
+    relpath: str
+    lineno: int
+    params: str  # "src, dst, *, follow_symlinks=True"
+    summary: str  # docstring summary line
+    doc_paragraph: str  # first docstring paragraph, one line
+    source: str  # full source of the def
+
+    @property
+    def origin(self) -> str:
+        return f"{self.relpath}:{self.lineno}:{self.name}"
+
+
+def _one_line(s: str) -> str:
+    return " ".join(s.split())
+
+
+def functions_of(src: SourceFile) -> list[Function]:
+    """Module-level functions with a docstring, a short parameter list and a one-line summary."""
+    try:
+        tree = ast.parse(src.text)
+    except SyntaxError:
+        return []
+    out = []
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith("__"):
+            continue
+        doc = ast.get_docstring(node)
+        if not doc:
+            continue
+        params = ast.unparse(node.args)
+        paragraph = _one_line(doc.split("\n\n")[0])
+        summary = _one_line(doc.strip().split("\n")[0])
+        source = ast.get_source_segment(src.text, node) or ""
+        if not params or len(params) > 60 or not (4 <= len(summary.split()) <= 20):
+            continue
+        if len(source) > 1200 or "\t" in source:
+            continue
+        out.append(
+            Function(node.name, src.module, src.relpath, node.lineno, params, summary,
+                     paragraph[:300], source)
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Task generators. Each returns (record, origins) with the record in LongBench's schema.
+
+
+def _record(dataset: str, idx: int, pool: str, context: str, question: str, answer: str) -> dict:
+    return {
+        "input": question,
+        "context": context,
+        "answers": [answer],
+        "length": len(context.split()),
+        "dataset": dataset,
+        "language": "en",
+        "all_classes": None,
+        "_id": f"{dataset}-{pool}-{idx:05d}",
+    }
+
+
+def _pick_distinct(rng: random.Random, funcs: list[Function], first: Function, target_chars: int,
+                   render, min_items: int) -> list[Function]:
+    chosen, names, size = [first], {first.name}, len(render(first, 1))
+    while size < target_chars or len(chosen) < min_items:
+        f = rng.choice(funcs)
+        if f.name in names:
+            continue
+        chosen.append(f)
+        names.add(f.name)
+        size += len(render(f, len(chosen))) + 1
+    rng.shuffle(chosen)
+    return chosen
+
+
+def _qa_passage(f: Function, k: int) -> str:
+    return (f"Passage {k}:\n{f.name} from module {f.module}\n"
+            f"Signature: {f.name}({f.params})\n{f.doc_paragraph}\n")
+
+
+def make_pyqa(funcs: list[Function], n: int, seed: int, pool: str, target_chars: int = 2300):
+    rng = random.Random(seed)
+    targets = rng.sample(funcs, min(n, len(funcs))) if n <= len(funcs) else [rng.choice(funcs) for _ in range(n)]
+    for i, f in enumerate(targets):
+        chosen = _pick_distinct(rng, funcs, f, target_chars, _qa_passage, min_items=5)
+        context = "\n".join(_qa_passage(g, k + 1) for k, g in enumerate(chosen))
+        if rng.random() < 0.5:
+            q, a = f"What are the parameters of the function {f.name}?", f.params
+        else:
+            q, a = f"Which module defines the function {f.name}?", f.module
+        yield _record("pyqa", i, pool, context, q, a), [g.origin for g in chosen]
+
+
+def _sum_item(f: Function, k: int) -> str:
+    return f.source + "\n"
+
+
+def make_pysum(funcs: list[Function], n: int, seed: int, pool: str, target_chars: int = 2300):
+    rng = random.Random(seed)
+    targets = rng.sample(funcs, min(n, len(funcs))) if n <= len(funcs) else [rng.choice(funcs) for _ in range(n)]
+    for i, f in enumerate(targets):
+        chosen = _pick_distinct(rng, funcs, f, target_chars, _sum_item, min_items=3)
+        context = "\n".join(_sum_item(g, 0) for g in chosen)
+        yield _record("pysum", i, pool, context, f.name, f.summary), [g.origin for g in chosen]
+
+
+def _code_target_ok(line: str) -> bool:
+    s = line.strip()
+    return len(s) >= 12 and not s.startswith(("#", '"', "'")) and "\t" not in line
+
+
+def make_pycode(files: list[SourceFile], n: int, seed: int, pool: str, target_chars: int = 2400):
+    """Next-line completion: ~target_chars of preceding code (cut at a line start), then the line."""
+    rng = random.Random(seed)
+    candidates = []
+    for src in files:
+        lines = src.text.split("\n")
+        offsets, total = [], 0
+        for ln in lines:
+            offsets.append(total)
+            total += len(ln) + 1
+        for j, ln in enumerate(lines):
+            if offsets[j] >= target_chars and _code_target_ok(ln):
+                candidates.append((src, j, lines, offsets))
+    picks = rng.sample(candidates, min(n, len(candidates)))
+    for i, (src, j, lines, offsets) in enumerate(picks):
+        start = next(k for k in range(j) if offsets[j] - offsets[k] <= target_chars)
+        context = "\n".join(lines[start:j]) + "\n"
+        rec = _record("pycode", i, pool, context, "", lines[j].strip())
+        yield rec, [f"{src.relpath}:{start + 1}-{j + 1}"]
+
+
+def pretraining_text(sources: list[SourceFile]) -> str:
+    """Train-pool module sources, each preceded by a header line, for base-model pretraining."""
+    parts = [f"# file: {s.relpath}\n{s.text}" for s in sources if s.pool == "train"]
+    return "\n\n".join(parts)
