@@ -170,7 +170,7 @@ def _qa_passage(f: Function, k: int) -> str:
             f"Signature: {f.name}({f.params})\n{f.doc_paragraph}\n")
 
 
-def make_pyqa(funcs: list[Function], n: int, seed: int, pool: str, target_chars: int = 2300):
+def make_pyqa(funcs: list[Function], n: int, seed: int, pool: str, target_chars: int = 1700):
     rng = random.Random(seed)
     targets = rng.sample(funcs, min(n, len(funcs))) if n <= len(funcs) else [rng.choice(funcs) for _ in range(n)]
     for i, f in enumerate(targets):
@@ -187,7 +187,7 @@ def _sum_item(f: Function, k: int) -> str:
     return f.source + "\n"
 
 
-def make_pysum(funcs: list[Function], n: int, seed: int, pool: str, target_chars: int = 2300):
+def make_pysum(funcs: list[Function], n: int, seed: int, pool: str, target_chars: int = 1700):
     rng = random.Random(seed)
     targets = rng.sample(funcs, min(n, len(funcs))) if n <= len(funcs) else [rng.choice(funcs) for _ in range(n)]
     for i, f in enumerate(targets):
@@ -201,7 +201,7 @@ def _code_target_ok(line: str) -> bool:
     return len(s) >= 12 and not s.startswith(("#", '"', "'")) and "\t" not in line
 
 
-def make_pycode(files: list[SourceFile], n: int, seed: int, pool: str, target_chars: int = 2400):
+def make_pycode(files: list[SourceFile], n: int, seed: int, pool: str, target_chars: int = 1950):
     """Next-line completion: ~target_chars of preceding code (cut at a line start), then the line."""
     rng = random.Random(seed)
     candidates = []

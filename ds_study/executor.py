@@ -1,0 +1,342 @@
+"""Plans and the partial-prefill executor (DroidSpeak §4.1, CacheBlend-style baseline).
+
+A *plan* says which decoder layers the receiver recomputes over the shared context; every other
+layer reuses the sender's K/V. A recompute group ``[a, b]`` starts from the sender's E at layer
+``a`` (from the receiver's own token embeddings when ``a == 0``) and runs the receiver's layers
+``a..b`` over the whole context. The prompt's suffix (question, answer cue) then runs through all
+receiver layers against the assembled cache, and decoding continues greedily with the receiver.
+
+The executor drives the model's own decoder-layer, rotary and mask modules from transformers; it
+never re-implements attention. Cache objects below are duck-typed stand-ins that a layer's
+attention calls ``update(k, v, layer_idx)`` on; they decide which K/V that attention sees.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ds_study.caches import ContextCache
+from ds_study.pair import SUPPORTED_MODEL_TYPES, UnsupportedArchitecture
+
+BASELINES = ("full_prefill", "full_reuse", "sender", "cacheblend")
+
+
+class PlanError(ValueError):
+    """A plan that cannot run on this model (bad syntax, layer out of range, overlap)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Plans
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str  # "groups" | "sender" | "cacheblend"
+    groups: tuple[tuple[int, int], ...] = ()
+    ratio: float = 0.15  # cacheblend: fraction of context tokens recomputed
+    check_layer: int = 1  # cacheblend: layer whose K deviation ranks tokens
+    label: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        if self.kind == "groups":
+            return "groups:" + (",".join(f"{a}-{b}" for a, b in self.groups) or "none")
+        if self.kind == "cacheblend":
+            return f"cacheblend@{self.ratio:g}"
+        return self.kind
+
+    def recomputed_layers(self) -> list[int]:
+        return [i for a, b in self.groups for i in range(a, b + 1)]
+
+    def n_recomputed(self) -> int:
+        return len(self.recomputed_layers())
+
+    def transition_layers(self) -> list[int]:
+        """Layers where execution switches from reuse to recompute, i.e. where E is needed."""
+        return [a for a, _ in self.groups if a > 0]
+
+    def reused_layers(self, n_layers: int) -> list[int]:
+        rec = set(self.recomputed_layers())
+        return [i for i in range(n_layers) if i not in rec]
+
+    @property
+    def needs_sender(self) -> bool:
+        return self.kind == "cacheblend" or (self.kind == "groups" and self.n_recomputed() < self._n_layers)
+
+    _n_layers: int = field(default=0, compare=False, repr=False)
+
+
+def groups_plan(groups, n_layers: int, label: str | None = None) -> Plan:
+    groups = tuple(sorted((int(a), int(b)) for a, b in groups))
+    for a, b in groups:
+        if not (0 <= a <= b < n_layers):
+            raise PlanError(f"recompute group [{a}, {b}] is outside layers 0..{n_layers - 1}")
+    for (a1, b1), (a2, b2) in zip(groups, groups[1:]):
+        if a2 <= b1:
+            raise PlanError(f"recompute groups [{a1}, {b1}] and [{a2}, {b2}] overlap")
+    return Plan("groups", groups, label=label, _n_layers=n_layers)
+
+
+def parse_plan(spec, n_layers: int, cacheblend_ratio: float = 0.15) -> Plan:
+    """Accepts a baseline name, ``cacheblend@0.3``, ``"2-5,9-9"``, or a list like ``[[2, 5], [9, 9]]``."""
+    if isinstance(spec, Plan):
+        return spec
+    if isinstance(spec, str):
+        s = spec.strip()
+        if s == "full_prefill":
+            return groups_plan([(0, n_layers - 1)], n_layers, label="full_prefill")
+        if s == "full_reuse":
+            return groups_plan([], n_layers, label="full_reuse")
+        if s == "sender":
+            return Plan("sender", _n_layers=n_layers)
+        if s.startswith("cacheblend"):
+            ratio = float(s.split("@", 1)[1]) if "@" in s else cacheblend_ratio
+            if not 0 < ratio <= 1:
+                raise PlanError(f"cacheblend ratio must be in (0, 1], got {ratio}")
+            return Plan("cacheblend", ratio=ratio, _n_layers=n_layers)
+        if re.fullmatch(r"\s*\d+\s*-\s*\d+\s*(,\s*\d+\s*-\s*\d+\s*)*", s):
+            return groups_plan([tuple(map(int, g.split("-"))) for g in s.split(",")], n_layers)
+        raise PlanError(f"cannot parse plan {spec!r}; use one of {', '.join(BASELINES)}, "
+                        f"'cacheblend@RATIO', 'a-b[,c-d...]' or a list of [a, b] groups")
+    try:
+        return groups_plan([(g[0], g[1]) for g in spec], n_layers)
+    except (TypeError, IndexError, KeyError) as e:
+        raise PlanError(f"cannot parse plan {spec!r}: expected a list of [a, b] groups") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Cache stand-ins the attention modules write into
+
+
+class LayerKV:
+    """Fresh pass over the context: keep what each layer computes, attend to exactly that."""
+
+    def __init__(self):
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.k[layer_idx], self.v[layer_idx] = key_states, value_states
+        return key_states, value_states
+
+
+class SubstituteKV:
+    """Attend to given K/V instead of the ones just computed (deviation: attention with sender KV)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self.keys, self.values
+
+
+class BlendKV:
+    """CacheBlend: the sender's K/V with the rows of the recomputed tokens replaced by fresh ones."""
+
+    def __init__(self, base: ContextCache, positions: torch.Tensor):
+        self.base, self.positions = base, positions
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k = self.base.keys[layer_idx].clone()
+        v = self.base.values[layer_idx].clone()
+        k[:, :, self.positions] = key_states
+        v[:, :, self.positions] = value_states
+        self.k[layer_idx], self.v[layer_idx] = k, v
+        return k, v
+
+
+# --------------------------------------------------------------------------------------------
+# Running decoder layers
+
+
+def check_supported(model) -> None:
+    mt = model.config.model_type
+    if mt not in SUPPORTED_MODEL_TYPES or not hasattr(model, "model") or not hasattr(model.model, "layers"):
+        raise UnsupportedArchitecture(
+            f"model_type {mt!r} is not supported by the partial-prefill executor; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def layer_type(config, i: int) -> str:
+    types = getattr(config, "layer_types", None)
+    if types:
+        return types[i]
+    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+
+def fresh_masks(model, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """Causal masks (per attention type) for a pass over tokens with no cached past."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    cfg = model.config
+    kw = dict(config=cfg, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids)
+    types = {layer_type(cfg, i) for i in range(cfg.num_hidden_layers)}
+    masks = {"full_attention": create_causal_mask(**kw)} if "full_attention" in types else {}
+    if "sliding_attention" in types:
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+    return masks
+
+
+def run_layers(model, hidden: torch.Tensor, position_ids: torch.Tensor, start: int, end: int, cache,
+               mask: torch.Tensor | None = None, record_inputs: dict | None = None) -> torch.Tensor:
+    """Run decoder layers ``start..end-1`` of ``model`` on ``hidden`` (E at ``start``), writing K/V to ``cache``.
+
+    ``mask`` overrides the fresh causal masks (CacheBlend's selected queries over all keys);
+    ``record_inputs[i]`` receives the residual stream entering layer ``i``.
+    """
+    inner = model.model
+    pos_emb = inner.rotary_emb(hidden, position_ids=position_ids)
+    masks = None if mask is not None else fresh_masks(model, hidden, position_ids)
+    for i in range(start, end):
+        if record_inputs is not None:
+            record_inputs[i] = hidden
+        m = mask if mask is not None else masks[layer_type(model.config, i)]
+        out = inner.layers[i](hidden, attention_mask=m, position_embeddings=pos_emb, position_ids=position_ids,
+                              cache=cache, use_cache=True)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+def _positions(n: int, device) -> torch.Tensor:
+    return torch.arange(n, device=device).unsqueeze(0)
+
+
+@torch.no_grad()
+def capture(model, token_ids: list[int], with_embeds: bool = True, model_id: dict | None = None) -> ContextCache:
+    """One model's prefill of a context, keeping every layer's K, V and (optionally) E."""
+    check_supported(model)
+    device = next(model.parameters()).device
+    ids = torch.tensor([token_ids], device=device)
+    hidden = model.model.embed_tokens(ids)
+    kv, inputs = LayerKV(), {}
+    run_layers(model, hidden, _positions(len(token_ids), device), 0, model.config.num_hidden_layers, kv,
+               record_inputs=inputs if with_embeds else None)
+    n = model.config.num_hidden_layers
+    return ContextCache([kv.k[i] for i in range(n)], [kv.v[i] for i in range(n)],
+                        [inputs[i] for i in range(n)] if with_embeds else None, model_id or {}, list(token_ids))
+
+
+# --------------------------------------------------------------------------------------------
+# Partial prefill and decoding
+
+
+@torch.no_grad()
+def recompute_group(model, a: int, b: int, token_ids: list[int], sender: ContextCache | None) -> LayerKV:
+    """Receiver layers a..b over the whole context, from the sender's E_a (own embeddings if a == 0)."""
+    device = next(model.parameters()).device
+    if a == 0:
+        hidden = model.model.embed_tokens(torch.tensor([token_ids], device=device))
+    else:
+        if sender is None or sender.embeds is None:
+            raise PlanError(f"recompute group [{a}, {b}] needs the sender's E at layer {a}, which was not captured")
+        hidden = sender.embeds[a].to(device)
+    kv = LayerKV()
+    run_layers(model, hidden, _positions(len(token_ids), device), a, b + 1, kv)
+    return kv
+
+
+@torch.no_grad()
+def partial_prefill(model, plan: Plan, token_ids: list[int], sender: ContextCache | None) -> list[tuple]:
+    """Per-layer (K, V) of the shared context under ``plan``: reused from ``sender`` or recomputed."""
+    check_supported(model)
+    n = model.config.num_hidden_layers
+    if plan.kind == "cacheblend":
+        return cacheblend_prefill(model, token_ids, sender, plan.ratio, plan.check_layer)
+    if plan.kind != "groups":
+        raise PlanError(f"partial_prefill runs recompute-group and cacheblend plans, not {plan.kind!r}")
+    rec = set(plan.recomputed_layers())
+    if len(rec) < n and sender is None:
+        raise PlanError(f"plan {plan.name} reuses layers {plan.reused_layers(n)} but no sender cache was given")
+    if sender is not None and sender.token_ids and list(sender.token_ids) != list(token_ids):
+        raise PlanError("the sender cache was captured for a different context")
+    layers: list = [None] * n
+    for a, b in plan.groups:
+        kv = recompute_group(model, a, b, token_ids, sender)
+        for i in range(a, b + 1):
+            layers[i] = (kv.k[i], kv.v[i])
+    for i in range(n):
+        if layers[i] is None:
+            layers[i] = (sender.keys[i], sender.values[i])
+    return layers
+
+
+@torch.no_grad()
+def cacheblend_prefill(model, token_ids: list[int], sender: ContextCache, ratio: float,
+                       check_layer: int = 1) -> list[tuple]:
+    """CacheBlend across models: recompute layers 0..check fully, then only the tokens whose K at
+    ``check_layer`` deviates most from the sender's, keeping the sender's K/V for the rest."""
+    if sender is None:
+        raise PlanError("cacheblend needs a sender cache")
+    n = model.config.num_hidden_layers
+    device = next(model.parameters()).device
+    T = len(token_ids)
+    kv = LayerKV()
+    hidden = model.model.embed_tokens(torch.tensor([token_ids], device=device))
+    hidden = run_layers(model, hidden, _positions(T, device), 0, check_layer + 1, kv)
+    layers = [(kv.k[i], kv.v[i]) for i in range(check_layer + 1)]
+    if check_layer + 1 >= n:
+        return layers
+    deviation = ((kv.k[check_layer] - sender.keys[check_layer].to(device)) ** 2).sum(dim=(0, 1, 3))
+    n_sel = max(1, math.ceil(ratio * T))
+    sel = torch.topk(deviation, n_sel).indices.sort().values
+    q_pos, kv_pos = sel.view(-1, 1), torch.arange(T, device=device).view(1, -1)
+    mask = torch.zeros(1, 1, n_sel, T, dtype=hidden.dtype, device=device)
+    mask.masked_fill_(kv_pos > q_pos, torch.finfo(hidden.dtype).min)
+    blend = BlendKV(sender, sel)
+    run_layers(model, hidden[:, sel], sel.unsqueeze(0), check_layer + 1, n, blend, mask=mask)
+    return layers + [(blend.k[i], blend.v[i]) for i in range(check_layer + 1, n)]
+
+
+@dataclass
+class Decoded:
+    token_ids: list[int]
+    first_logits: torch.Tensor  # logits of the first generated token, [vocab]
+    last_hidden: torch.Tensor  # final-norm hidden state of the last prompt token, [hidden]
+    suffix_hidden: torch.Tensor  # final-norm hidden states of all suffix tokens, [suffix, hidden]
+
+
+@torch.no_grad()
+def decode(model, layers: list[tuple], suffix_ids: list[int], max_new_tokens: int,
+           eos_token_id: int | None = None, cache=None) -> Decoded:
+    """Run the suffix through every layer against the context's K/V, then greedy decoding."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    if cache is None:
+        cache = DynamicCache(ddp_cache_data=[(k.to(device), v.to(device)) for k, v in layers], config=model.config)
+    out = model.model(input_ids=torch.tensor([suffix_ids], device=device), cache=cache, use_cache=True)
+    hidden = out.last_hidden_state[0]
+    logits = model.lm_head(hidden[-1:])[0]
+    first, generated = logits, []
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    for _ in range(max_new_tokens):
+        tok = int(logits.argmax())
+        if tok in eos:
+            break
+        generated.append(tok)
+        if len(generated) == max_new_tokens:
+            break
+        out = model.model(input_ids=torch.tensor([[tok]], device=device), cache=cache, use_cache=True)
+        logits = model.lm_head(out.last_hidden_state[0, -1:])[0]
+    return Decoded(generated, first.float().cpu(), hidden[-1].float().cpu(), hidden.float().cpu())
+
+
+@torch.no_grad()
+def run_plan(receiver, sender_model, plan: Plan, prefix_ids: list[int], suffix_ids: list[int],
+             max_new_tokens: int, eos_token_id=None, sender_cache: ContextCache | None = None) -> Decoded:
+    """Execute one plan end to end. ``sender`` decodes with the sender model on its own cache."""
+    if plan.kind == "sender":
+        if sender_cache is None:
+            sender_cache = capture(sender_model, prefix_ids, with_embeds=False)
+        layers = list(zip(sender_cache.keys, sender_cache.values))
+        return decode(sender_model, layers, suffix_ids, max_new_tokens, eos_token_id)
+    layers = partial_prefill(receiver, plan, prefix_ids, sender_cache)
+    return decode(receiver, layers, suffix_ids, max_new_tokens, eos_token_id)

@@ -1,0 +1,153 @@
+"""A sender and a receiver model: loading, identity and the compatibility contract.
+
+Cross-model KV reuse is only defined between models of one architecture (same layers, heads, head
+dim) that tokenize text identically; anything else must be refused *before* any weights are
+loaded. Each model's identity (name or path plus a hash of its weight files) goes into every
+result, so a result always says exactly which two checkpoints it compares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
+SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class IncompatiblePair(ValueError):
+    """Sender and receiver cannot share KV caches (shape or tokenizer mismatch)."""
+
+
+class UnsupportedArchitecture(ValueError):
+    """The executor drives decoder layers of specific architectures only."""
+
+
+def resolve(ref: str) -> str:
+    """``zoo:NAME`` -> committed embedded variant; a directory -> itself; else a Hub id."""
+    if ref.startswith("zoo:"):
+        from ds_study.zoo import variant_path
+
+        return str(variant_path(ref[4:]))
+    return ref
+
+
+def local_dir(ref: str) -> Path:
+    """Directory holding the files of a local checkpoint or of a Hub id already in the local cache."""
+    p = Path(ref)
+    if p.is_dir():
+        return p
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref, local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1"))
+    except Exception as e:  # noqa: BLE001 - re-raised with advice
+        raise FileNotFoundError(f"model {ref!r} is neither a local directory nor a loadable Hub id ({e}); "
+                                f"pass a local checkpoint directory or download it first") from e
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 over (name, sha256) of every weight file, memoized by path, size and mtime."""
+    memo_path = Path(os.environ.get("DS_STUDY_CACHE", Path.home() / ".cache" / "ds_study")) / "weight_hashes.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+    files = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {path}")
+    outer = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in memo:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            memo[key] = h.hexdigest()
+        outer.update(f"{f.name}:{memo[key]}\n".encode())
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        memo_path.write_text(json.dumps(memo))
+    except OSError:
+        pass
+    return outer.hexdigest()
+
+
+def shape_of(config) -> dict:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    out = {f: getattr(text, f, None) for f in SHAPE_FIELDS}
+    if out["head_dim"] is None:
+        out["head_dim"] = text.hidden_size // text.num_attention_heads
+    return out
+
+
+def check_compatible(receiver_config, sender_config, receiver_tok, sender_tok,
+                     receiver_ref: str = "receiver", sender_ref: str = "sender") -> None:
+    """Raise IncompatiblePair naming the first mismatch; checks configs and tokenizers only."""
+    for name, cfg in ((receiver_ref, receiver_config), (sender_ref, sender_config)):
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedArchitecture(
+                f"{name}: model_type {cfg.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    rs, ss = shape_of(receiver_config), shape_of(sender_config)
+    for f in SHAPE_FIELDS:
+        if rs[f] != ss[f]:
+            raise IncompatiblePair(f"cannot share KV between {sender_ref} and {receiver_ref}: {f} differs "
+                                   f"(sender {ss[f]}, receiver {rs[f]}); DroidSpeak needs one architecture")
+    if receiver_tok.get_vocab() != sender_tok.get_vocab():
+        diff = len(set(receiver_tok.get_vocab().items()) ^ set(sender_tok.get_vocab().items()))
+        raise IncompatiblePair(f"tokenizers of {sender_ref} and {receiver_ref} differ ({diff} vocabulary entries); "
+                               f"the same context would become different tokens")
+    for attr in ("bos_token_id", "eos_token_id"):
+        if getattr(receiver_tok, attr) != getattr(sender_tok, attr):
+            raise IncompatiblePair(f"tokenizers of {sender_ref} and {receiver_ref} differ in {attr}")
+    probe = "def f(x):\n    return x  # The quick brown fox, 2024-11-27."
+    if receiver_tok(probe)["input_ids"] != sender_tok(probe)["input_ids"]:
+        raise IncompatiblePair(f"tokenizers of {sender_ref} and {receiver_ref} tokenize text differently")
+
+
+@dataclass
+class ModelPair:
+    receiver: torch.nn.Module
+    sender: torch.nn.Module
+    tokenizer: object
+    receiver_id: dict
+    sender_id: dict
+    shape: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.shape["num_hidden_layers"]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.receiver.parameters()).device
+
+    def identities(self) -> dict:
+        return {"receiver": self.receiver_id, "sender": self.sender_id}
+
+
+def load_pair(receiver: str, sender: str, dtype: str = "float32", device: str = "cpu",
+              attn_implementation: str = "sdpa") -> ModelPair:
+    """Resolve, check compatibility on configs and tokenizers, then load both models (eval mode)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    refs = {"receiver": resolve(receiver), "sender": resolve(sender)}
+    configs = {k: AutoConfig.from_pretrained(v) for k, v in refs.items()}
+    toks = {k: AutoTokenizer.from_pretrained(v) for k, v in refs.items()}
+    check_compatible(configs["receiver"], configs["sender"], toks["receiver"], toks["sender"], receiver, sender)
+    models, ids = {}, {}
+    for k, ref in refs.items():
+        ids[k] = {"name": receiver if k == "receiver" else sender, "path": str(ref),
+                  "weights_sha256": weights_sha256(local_dir(ref))}
+        models[k] = AutoModelForCausalLM.from_pretrained(ref, dtype=DTYPES[dtype],
+                                                         attn_implementation=attn_implementation).to(device).eval()
+    return ModelPair(models["receiver"], models["sender"], toks["receiver"], ids["receiver"], ids["sender"],
+                     shape_of(configs["receiver"]))

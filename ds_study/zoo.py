@@ -1,0 +1,332 @@
+"""The embedded model family: a small Llama pretrained here and fine-tuned into task variants.
+
+DroidSpeak studies a sender and a receiver that share a foundation model but differ in weights.
+To make that study runnable offline on two CPU cores, the project builds its own family: one base
+``LlamaForCausalLM`` pretrained from scratch on the Python standard library, and variants
+fine-tuned from it on the embedded tasks (full fine-tunes and a merged LoRA), so every layer
+differs from the base by a different amount, as in real fine-tunes. The built family is committed
+under ``ds_study/assets/zoo`` with a manifest (sha256 of every file, the recipe, data hashes,
+losses), so nobody waits for training:
+
+    python -m ds_study.zoo                     # rebuild into outputs/zoo_rebuild, compare to manifest
+    python -m ds_study.zoo verify_only=true    # check the committed files (seconds)
+    python -m ds_study.zoo out=DIR device=cuda # build elsewhere, on a GPU
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import platform
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+ZOO_DIR = Path(__file__).resolve().parent / "assets" / "zoo"
+MANIFEST = "manifest.json"
+CORPUS = Path(__file__).resolve().parent / "assets" / "corpus" / "pretrain.txt.gz"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+REBUILD_HINT = "rebuild it with `python -m ds_study.zoo out=ds_study/assets/zoo` (about 25 min on 2 CPU cores)"
+
+
+class ZooError(RuntimeError):
+    """The committed family is missing or does not match its manifest."""
+
+
+# --------------------------------------------------------------------------------------------
+# Files and manifest
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def verify(root: Path = ZOO_DIR) -> dict:
+    """Check every file of a built family against its manifest; raise ZooError saying how to fix."""
+    mpath = Path(root) / MANIFEST
+    if not mpath.exists():
+        raise ZooError(f"no model family at {root} (missing {MANIFEST}); {REBUILD_HINT}")
+    manifest = json.loads(mpath.read_text())
+    for rel, want in manifest["files"].items():
+        p = Path(root) / rel
+        if not p.exists():
+            raise ZooError(f"zoo file {p} is missing; restore it with `git checkout -- {p}` or {REBUILD_HINT}")
+        if sha256_file(p) != want:
+            raise ZooError(f"zoo file {p} is corrupt (sha256 mismatch with {mpath}); "
+                           f"restore it with `git checkout -- {p}` or {REBUILD_HINT}")
+    return manifest
+
+
+_VERIFIED: set[Path] = set()
+
+
+def variant_path(name: str, root: Path = ZOO_DIR) -> Path:
+    """Directory of a committed variant, loadable by ``from_pretrained``; verified once per process."""
+    root = Path(root)
+    if root not in _VERIFIED:
+        verify(root)
+        _VERIFIED.add(root)
+    manifest = json.loads((root / MANIFEST).read_text())
+    if name not in manifest["variants"]:
+        raise ZooError(f"unknown zoo variant {name!r}; available: {sorted(manifest['variants'])}")
+    return root / name
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def train_tokenizer(cfg: DictConfig, texts: list[str]):
+    """Byte-level BPE with Llama-style <s>/</s>; BOS is added by the post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg.tokenizer.vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>", model_max_length=cfg.model.max_position_embeddings)
+
+
+def model_config(cfg: DictConfig, tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       attn_implementation="sdpa", **OmegaConf.to_container(cfg.model))
+
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _train(model, batches, steps: int, lr: float, warmup: int, weight_decay: float, desc: str) -> list[float]:
+    from tqdm import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr, warmup)
+        input_ids, labels, mask = batches(step)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def _mean_loss(model, batch_list) -> float:
+    model.eval()
+    vals = [model(input_ids=i, attention_mask=m, labels=l).loss.item() for i, l, m in batch_list]
+    return sum(vals) / len(vals)
+
+
+def pretrain(cfg: DictConfig, tokenizer, text: str, device: str):
+    """Next-token pretraining on packed corpus chunks; the last chunks are held out for validation."""
+    from transformers import LlamaForCausalLM
+
+    files = text.split("\n\n# file: ")
+    ids: list[int] = []
+    for enc in tokenizer(files, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc + [tokenizer.eos_token_id])
+    data = torch.tensor(ids, dtype=torch.long)
+    p = cfg.pretrain
+    n_val = p.val_batches * p.batch_size * p.seq_len
+    train, val = data[:-n_val], data[-n_val:]
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def batches(step):
+        starts = torch.randint(0, len(train) - p.seq_len, (p.batch_size,), generator=gen)
+        x = torch.stack([train[s:s + p.seq_len] for s in starts]).to(device)
+        return x, x, None
+
+    val_batches = [(b.to(device), b.to(device), None)
+                   for b in val.view(p.val_batches, p.batch_size, p.seq_len)]
+    model = LlamaForCausalLM(model_config(cfg, tokenizer)).to(device)
+    losses = _train(model, batches, p.steps, p.lr, p.warmup, p.weight_decay, "pretrain base")
+    stats = {"train_tokens": p.steps * p.batch_size * p.seq_len, "corpus_tokens": len(data),
+             "final_train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "val_loss": round(_mean_loss(model, val_batches), 4)}
+    return model, stats
+
+
+def finetune_examples(tokenizer, task_name: str, split: str, max_length: int):
+    """(input_ids, labels) per record: the evaluation prompt, then the answer and EOS (answer-only loss)."""
+    from ds_study.data import TASKS, build_prompt, load_records
+
+    task = TASKS[task_name]
+    out = []
+    for rec in load_records(task_name, split):
+        prompt = build_prompt(rec, task, tokenizer, max_length)
+        answer = rec["answers"][0] if task.family == "code" else " " + rec["answers"][0]
+        ans = tokenizer(answer, add_special_tokens=False)["input_ids"][: task.max_new_tokens - 1]
+        ans.append(tokenizer.eos_token_id)
+        ids = prompt.input_ids + ans
+        out.append((ids, [-100] * len(prompt.input_ids) + ans))
+    return out
+
+
+def collate(examples, pad_id: int, device: str):
+    n = max(len(i) for i, _ in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for r, (i, lab) in enumerate(examples):
+        ids[r, : len(i)], labels[r, : len(i)], mask[r, : len(i)] = torch.tensor(i), torch.tensor(lab), 1
+    return ids.to(device), labels.to(device), mask.to(device)
+
+
+def finetune(cfg: DictConfig, name: str, base_dir: Path, tokenizer, device: str):
+    """Full or LoRA (merged) fine-tune of the base on one task's train split."""
+    from transformers import LlamaForCausalLM
+
+    v = cfg.variants[name]
+    model = LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32).to(device)
+    if v.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=v.lora_r, lora_alpha=v.lora_alpha, lora_dropout=0.0,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        model = get_peft_model(model, lcfg)
+    elif v.method != "full":
+        raise ValueError(f"variant {name}: method must be 'full' or 'lora', got {v.method!r}")
+    train = finetune_examples(tokenizer, v.task, "train", cfg.finetune_max_length)
+    val = finetune_examples(tokenizer, v.task, "profile", cfg.finetune_max_length)[: cfg.finetune_val_examples]
+    order = random.Random(cfg.seed + list(cfg.variants).index(name)).sample(range(len(train)), len(train))
+    pad = tokenizer.pad_token_id
+
+    def batches(step):
+        idx = [order[(step * v.batch_size + k) % len(order)] for k in range(v.batch_size)]
+        return collate([train[i] for i in idx], pad, device)
+
+    losses = _train(model, batches, v.steps, v.lr, max(1, v.steps // 10), 0.0, f"finetune {name} ({v.method})")
+    val_batches = [collate(val[k:k + 8], pad, device) for k in range(0, len(val), 8)]
+    stats = {"task": v.task, "method": v.method, "examples_seen": v.steps * v.batch_size,
+             "final_train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "val_loss": round(_mean_loss(model, val_batches), 4)}
+    if v.method == "lora":
+        model = model.merge_and_unload()
+    return model, stats
+
+
+def _save(model, tokenizer, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.to("cpu").save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Build and compare
+
+
+def build(cfg: DictConfig, out: Path) -> dict:
+    """Build the whole family into ``out`` and write its manifest."""
+    from ds_study.data import TASKS, load_records
+
+    t0 = time.time()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        text = f.read()
+    instructions = [TASKS[t].prefix_template + TASKS[t].suffix_template for t in ("pyqa", "pysum", "pycode")]
+    task_texts = [r["input"] + "\n" + r["answers"][0] for t in ("pyqa", "pysum") for r in load_records(t, "train")]
+    tokenizer = train_tokenizer(cfg, [text] + instructions * 50 + task_texts)
+    timings = {}
+
+    base, base_stats = pretrain(cfg, tokenizer, text, cfg.device)
+    _save(base, tokenizer, out / "base")
+    timings["base"] = round(time.time() - t0, 1)
+    variants = {"base": {"parent": None, **base_stats}}
+    for name in cfg.variants:
+        t1 = time.time()
+        model, stats = finetune(cfg, name, out / "base", tokenizer, cfg.device)
+        _save(model, tokenizer, out / name)
+        timings[name] = round(time.time() - t1, 1)
+        variants[name] = {"parent": "base", **stats}
+
+    data_files = [CORPUS] + sorted((CORPUS.parents[1] / "tasks").glob("*/train.jsonl.gz")) + \
+        sorted((CORPUS.parents[1] / "tasks").glob("*/profile.jsonl"))
+    manifest = {
+        "recipe": OmegaConf.to_container(cfg, resolve=True),
+        "variants": variants,
+        "data": {p.relative_to(CORPUS.parents[2]).as_posix(): sha256_file(p) for p in data_files},
+        "data_sources": json.loads((CORPUS.parent / "SOURCES.json").read_text()),
+        "build": {"seconds": round(time.time() - t0, 1), "per_variant_seconds": timings,
+                  "torch": torch.__version__, "python": platform.python_version(),
+                  "machine": platform.machine(), "device": cfg.device, "threads": cfg.threads},
+        "files": file_hashes(out),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def compare(built: dict, reference: dict) -> list[str]:
+    """Differences between two manifests' files (empty list: bit-identical family)."""
+    a, b = built["files"], reference["files"]
+    return [f"{k}: {'missing' if k not in a else 'extra' if k not in b else 'differs'}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def main(cfg: DictConfig) -> None:
+    if cfg.verify_only:
+        manifest = verify(ZOO_DIR)
+        print(f"zoo OK: {len(manifest['files'])} files match {ZOO_DIR / MANIFEST}")
+        return
+    out = Path(cfg.out) if cfg.out else Path("outputs/zoo_rebuild")
+    manifest = build(cfg, out)
+    print(json.dumps(manifest["variants"], indent=2))
+    print(f"built in {manifest['build']['seconds']} s into {out}")
+    if out.resolve() == ZOO_DIR.resolve():
+        print("wrote the committed family; commit ds_study/assets/zoo")
+        return
+    ref = ZOO_DIR / MANIFEST
+    if not ref.exists():
+        print(f"no committed manifest at {ref} to compare with")
+        return
+    diffs = compare(manifest, json.loads(ref.read_text()))
+    if diffs:
+        print(f"rebuild DIFFERS from the committed manifest in {len(diffs)} file(s):\n  " + "\n  ".join(diffs))
+        print("(bitwise equality needs the same torch build, CPU kind and thread count; see manifest['build'])")
+        raise SystemExit(1)
+    print("rebuild matches the committed manifest: every file is bit-identical")
+
+
+if __name__ == "__main__":
+    import hydra
+
+    hydra.main(config_path=str(CONF_DIR), config_name="zoo", version_base="1.3")(main)()

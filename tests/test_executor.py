@@ -1,0 +1,168 @@
+"""Invariants of the partial-prefill executor on small random models of every supported architecture."""
+
+import pytest
+import torch
+
+from ds_study.caches import CacheChecksumError, ContextCache, analytic_bytes_per_token
+from ds_study.executor import (PlanError, capture, decode, parse_plan, partial_prefill, run_plan)
+from ds_study.pair import UnsupportedArchitecture
+
+torch.manual_seed(0)
+ARCHS = ("llama", "mistral", "qwen2", "mixtral")
+
+
+def tiny_model(arch: str, seed: int = 0):
+    import transformers as tf
+
+    common = dict(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=48, max_position_embeddings=256, attn_implementation="sdpa")
+    cfg = {
+        "llama": lambda: tf.LlamaConfig(**common),
+        "mistral": lambda: tf.MistralConfig(**common, sliding_window=None),
+        "qwen2": lambda: tf.Qwen2Config(**common),
+        "mixtral": lambda: tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+    }[arch]()
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    # Random init gives near-uniform logits; sharpen them so greedy decoding is not a coin toss.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+def prompt(n_prefix=40, n_suffix=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (n_prefix + n_suffix,), generator=g).tolist()
+    return ids[:n_prefix], ids[n_prefix:]
+
+
+def reference(model, prefix, suffix, new_tokens):
+    """The receiver's own one-shot prefill of the whole prompt, through transformers' generate."""
+    ids = torch.tensor([prefix + suffix])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1]
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
+                             pad_token_id=0, eos_token_id=None)
+    return logits, out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_recompute_everything_equals_full_prefill(arch):
+    model = tiny_model(arch)
+    prefix, suffix = prompt()
+    ref_logits, ref_tokens = reference(model, prefix, suffix, 8)
+    plan = parse_plan("full_prefill", 4)
+    out = run_plan(model, None, plan, prefix, suffix, 8)
+    assert out.token_ids == ref_tokens
+    assert torch.allclose(out.first_logits, ref_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reuse_everything_from_itself_equals_full_prefill(arch):
+    model = tiny_model(arch)
+    prefix, suffix = prompt(seed=2)
+    ref_logits, ref_tokens = reference(model, prefix, suffix, 8)
+    own = capture(model, prefix)
+    out = run_plan(model, model, parse_plan("full_reuse", 4), prefix, suffix, 8, sender_cache=own)
+    assert out.token_ids == ref_tokens
+    assert torch.allclose(out.first_logits, ref_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cacheblend_all_tokens_equals_full_prefill(arch):
+    receiver, sender = tiny_model(arch, 0), tiny_model(arch, 1)
+    prefix, suffix = prompt(seed=3)
+    ref_logits, _ = reference(receiver, prefix, suffix, 1)
+    sc = capture(sender, prefix)
+    out = run_plan(receiver, sender, parse_plan("cacheblend@1.0", 4), prefix, suffix, 1, sender_cache=sc)
+    assert torch.allclose(out.first_logits, ref_logits, atol=1e-5, rtol=0)
+    partial = run_plan(receiver, sender, parse_plan("cacheblend@0.2", 4), prefix, suffix, 1, sender_cache=sc)
+    assert not torch.allclose(partial.first_logits, ref_logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_group_starts_from_sender_E_at_its_first_layer(arch):
+    receiver, sender = tiny_model(arch, 0), tiny_model(arch, 1)
+    prefix, suffix = prompt(seed=4)
+    sc = capture(sender, prefix)
+    plan = parse_plan("2-3", 4)
+    base = run_plan(receiver, sender, plan, prefix, suffix, 1, sender_cache=sc).first_logits
+
+    def perturbed(kind, layer):
+        c = ContextCache(list(sc.keys), list(sc.values), list(sc.embeds), sc.model_id, sc.token_ids)
+        getattr(c, {"e": "embeds", "k": "keys"}[kind])[layer] = sc.tensor(kind, layer) + 0.5
+        return run_plan(receiver, sender, plan, prefix, suffix, 1, sender_cache=c).first_logits
+
+    assert not torch.allclose(perturbed("e", 2), base, atol=1e-4)  # E_2 feeds the group
+    assert torch.equal(perturbed("e", 1), base)  # E_1 is never read: layer 1 is reused
+    assert torch.equal(perturbed("k", 2), base)  # sender K of a recomputed layer is never read
+    assert not torch.allclose(perturbed("k", 1), base, atol=1e-4)  # reused layer's K is read
+
+
+def test_recomputed_layers_match_receiver_and_reused_match_sender():
+    receiver, sender = tiny_model("llama", 0), tiny_model("llama", 1)
+    prefix, _ = prompt(seed=5)
+    sc, rc = capture(sender, prefix), capture(receiver, prefix)
+    layers = partial_prefill(receiver, parse_plan("0-1", 4), prefix, sc)
+    assert torch.allclose(layers[0][0], rc.keys[0], atol=1e-6) and torch.allclose(layers[1][1], rc.values[1], atol=1e-6)
+    assert layers[2][0] is sc.keys[2] and layers[3][1] is sc.values[3]
+
+
+def test_capture_E_is_residual_entering_layer():
+    model = tiny_model("llama")
+    prefix, _ = prompt(seed=6)
+    c = capture(model, prefix)
+    with torch.no_grad():
+        hs = model(input_ids=torch.tensor([prefix]), output_hidden_states=True).hidden_states
+    for i in range(4):
+        assert torch.allclose(c.embeds[i], hs[i], atol=1e-6)
+
+
+def test_plan_parsing_and_errors():
+    assert parse_plan("2-3,0-1", 8).groups == ((0, 1), (2, 3))
+    assert parse_plan([[4, 7]], 8).transition_layers() == [4]
+    assert parse_plan("full_prefill", 8).n_recomputed() == 8
+    assert parse_plan("full_reuse", 8).reused_layers(8) == list(range(8))
+    assert parse_plan("cacheblend@0.3", 8).ratio == 0.3
+    with pytest.raises(PlanError, match="outside layers 0..7"):
+        parse_plan("6-8", 8)
+    with pytest.raises(PlanError, match="overlap"):
+        parse_plan("0-3,3-4", 8)
+    with pytest.raises(PlanError, match="cannot parse"):
+        parse_plan("everything", 8)
+    with pytest.raises(PlanError, match="no sender cache"):
+        partial_prefill(tiny_model("llama"), parse_plan("0-1", 4), [5, 6, 7], None)
+
+
+def test_unsupported_architecture_is_refused():
+    import transformers as tf
+
+    gpt2 = tf.AutoModelForCausalLM.from_config(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50))
+    with pytest.raises(UnsupportedArchitecture, match="gpt2"):
+        capture(gpt2, [1, 2, 3])
+
+
+def test_cache_roundtrip_bytes_and_checksum(tmp_path):
+    model = tiny_model("llama")
+    prefix, _ = prompt(seed=7)
+    c = capture(model, prefix, model_id={"name": "m"})
+    path = c.save(tmp_path / "c.safetensors")
+    back = ContextCache.load(path)
+    assert back.model_id == {"name": "m"} and back.token_ids == prefix
+    assert all(torch.equal(a, b) for a, b in zip(back.embeds, c.embeds))
+    assert c.bytes_per_token("k") == analytic_bytes_per_token(model.config, 4)["k"]
+    assert c.bytes_per_token("e") == analytic_bytes_per_token(model.config, 4)["e"]
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # flip bits inside the last tensor's data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CacheChecksumError, match="corrupt"):
+        ContextCache.load(path)
+
+
+def test_decode_stops_at_eos():
+    model = tiny_model("llama")
+    prefix, suffix = prompt(seed=8)
+    layers = partial_prefill(model, parse_plan("full_prefill", 4), prefix, None)
+    first = decode(model, layers, suffix, 5).token_ids
+    layers = partial_prefill(model, parse_plan("full_prefill", 4), prefix, None)
+    assert decode(model, layers, suffix, 5, eos_token_id=first[1]).token_ids == first[:1]
