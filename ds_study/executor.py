@@ -23,6 +23,7 @@ from ds_study.caches import ContextCache
 from ds_study.pair import SUPPORTED_MODEL_TYPES, UnsupportedArchitecture
 
 BASELINES = ("full_prefill", "full_reuse", "sender", "cacheblend")
+KINDS = ("groups", "sender", "cacheblend", "reuse_only")
 
 
 class PlanError(ValueError):
@@ -35,7 +36,9 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class Plan:
-    kind: str  # "groups" | "sender" | "cacheblend"
+    kind: str  # one of KINDS
+    # "groups": recompute groups [a, b]; "reuse_only": groups of layers whose sender KV the receiver
+    # reads while computing every other layer itself (single-layer sensitivity, paper Fig. 7)
     groups: tuple[tuple[int, int], ...] = ()
     ratio: float = 0.15  # cacheblend: fraction of context tokens recomputed
     check_layer: int = 1  # cacheblend: layer whose K deviation ranks tokens
@@ -49,10 +52,15 @@ class Plan:
             return "groups:" + (",".join(f"{a}-{b}" for a, b in self.groups) or "none")
         if self.kind == "cacheblend":
             return f"cacheblend@{self.ratio:g}"
+        if self.kind == "reuse_only":
+            return "reuse_only:" + ",".join(str(i) for a, b in self.groups for i in range(a, b + 1))
         return self.kind
 
     def recomputed_layers(self) -> list[int]:
-        return [i for a, b in self.groups for i in range(a, b + 1)]
+        if self.kind == "reuse_only":
+            reused = {i for a, b in self.groups for i in range(a, b + 1)}
+            return [i for i in range(self._n_layers) if i not in reused]
+        return [i for a, b in self.groups for i in range(a, b + 1)] if self.kind == "groups" else []
 
     def n_recomputed(self) -> int:
         return len(self.recomputed_layers())
@@ -100,10 +108,14 @@ def parse_plan(spec, n_layers: int, cacheblend_ratio: float = 0.15) -> Plan:
             if not 0 < ratio <= 1:
                 raise PlanError(f"cacheblend ratio must be in (0, 1], got {ratio}")
             return Plan("cacheblend", ratio=ratio, _n_layers=n_layers)
+        if s.startswith("reuse_only:"):
+            layers = [int(x) for x in s.split(":", 1)[1].split(",") if x.strip()]
+            base = groups_plan([(i, i) for i in layers], n_layers)
+            return Plan("reuse_only", base.groups, _n_layers=n_layers)
         if re.fullmatch(r"\s*\d+\s*-\s*\d+\s*(,\s*\d+\s*-\s*\d+\s*)*", s):
             return groups_plan([tuple(map(int, g.split("-"))) for g in s.split(",")], n_layers)
         raise PlanError(f"cannot parse plan {spec!r}; use one of {', '.join(BASELINES)}, "
-                        f"'cacheblend@RATIO', 'a-b[,c-d...]' or a list of [a, b] groups")
+                        f"'cacheblend@RATIO', 'reuse_only:i[,j...]', 'a-b[,c-d...]' or a list of [a, b] groups")
     try:
         return groups_plan([(g[0], g[1]) for g in spec], n_layers)
     except (TypeError, IndexError, KeyError) as e:
@@ -134,6 +146,19 @@ class SubstituteKV:
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         return self.keys, self.values
+
+
+class MixedKV(LayerKV):
+    """Fresh pass in which the given layers attend to (and keep) the sender's K/V instead of their own."""
+
+    def __init__(self, sender: ContextCache, layers: set[int]):
+        super().__init__()
+        self.sender, self.layers = sender, layers
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx in self.layers:
+            key_states, value_states = self.sender.keys[layer_idx], self.sender.values[layer_idx]
+        return super().update(key_states, value_states, layer_idx)
 
 
 class BlendKV:
@@ -250,6 +275,8 @@ def partial_prefill(model, plan: Plan, token_ids: list[int], sender: ContextCach
     n = model.config.num_hidden_layers
     if plan.kind == "cacheblend":
         return cacheblend_prefill(model, token_ids, sender, plan.ratio, plan.check_layer)
+    if plan.kind == "reuse_only":
+        return reuse_only_prefill(model, plan, token_ids, sender)
     if plan.kind != "groups":
         raise PlanError(f"partial_prefill runs recompute-group and cacheblend plans, not {plan.kind!r}")
     rec = set(plan.recomputed_layers())
@@ -266,6 +293,21 @@ def partial_prefill(model, plan: Plan, token_ids: list[int], sender: ContextCach
         if layers[i] is None:
             layers[i] = (sender.keys[i], sender.values[i])
     return layers
+
+
+@torch.no_grad()
+def reuse_only_prefill(model, plan: Plan, token_ids: list[int], sender: ContextCache) -> list[tuple]:
+    """The receiver computes every layer itself, but the plan's layers read the sender's K/V.
+
+    This isolates one layer's KV (paper Fig. 7) without injecting the sender's E anywhere.
+    """
+    if sender is None:
+        raise PlanError(f"plan {plan.name} needs a sender cache")
+    device = next(model.parameters()).device
+    kv = MixedKV(sender, {i for a, b in plan.groups for i in range(a, b + 1)})
+    hidden = model.model.embed_tokens(torch.tensor([token_ids], device=device))
+    run_layers(model, hidden, _positions(len(token_ids), device), 0, model.config.num_hidden_layers, kv)
+    return [(kv.k[i], kv.v[i]) for i in range(model.config.num_hidden_layers)]
 
 
 @torch.no_grad()

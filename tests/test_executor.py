@@ -166,3 +166,17 @@ def test_decode_stops_at_eos():
     first = decode(model, layers, suffix, 5).token_ids
     layers = partial_prefill(model, parse_plan("full_prefill", 4), prefix, None)
     assert decode(model, layers, suffix, 5, eos_token_id=first[1]).token_ids == first[:1]
+
+
+def test_reuse_only_reads_sender_kv_at_that_layer_only():
+    receiver, sender = tiny_model("llama", 0), tiny_model("llama", 1)
+    prefix, suffix = prompt(seed=9)
+    sc, rc = capture(sender, prefix), capture(receiver, prefix)
+    plan = parse_plan("reuse_only:2", 4)
+    assert plan.name == "reuse_only:2" and plan.recomputed_layers() == [0, 1, 3]
+    layers = partial_prefill(receiver, plan, prefix, sc)
+    assert torch.allclose(layers[1][0], rc.keys[1], atol=1e-6)  # before the reused layer: receiver's own
+    assert layers[2][0] is sc.keys[2]  # the reused layer: sender's
+    assert not torch.allclose(layers[3][0], rc.keys[3], atol=1e-4)  # after it: changed by what layer 2 read
+    same = partial_prefill(receiver, plan, prefix, rc)  # reusing its own KV changes nothing
+    assert all(torch.allclose(a[0], b, atol=1e-5) for a, b in zip(same, rc.keys))

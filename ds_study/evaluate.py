@@ -1,0 +1,66 @@
+"""Score one or more plans of a pair on a dataset split, with per-example results.
+
+    python -m ds_study.evaluate model_pair=tiny plan=full_prefill split=test
+    python -m ds_study.evaluate model_pair=tiny 'plan=[full_reuse,sender,cacheblend,"2-5"]' limit=20
+    python -m ds_study.evaluate model_pair=tiny 'plan=[[0,1],[6,7]]'   # two recompute groups
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from ds_study import metrics, runner
+from ds_study.executor import parse_plan
+from ds_study.profile import print_table, summarize_plans
+
+
+def plans_from(cfg: DictConfig, n_layers: int):
+    spec = OmegaConf.to_container(cfg.plan) if OmegaConf.is_config(cfg.plan) else cfg.plan
+    # one group list like [[2,5]] is one plan; a list of names/strings/group-lists is several plans
+    if isinstance(spec, list) and spec and isinstance(spec[0], list) and spec[0] and isinstance(spec[0][0], int):
+        specs = [spec]
+    else:
+        specs = spec if isinstance(spec, list) else [spec]
+    return [parse_plan(s, n_layers, cacheblend_ratio=cfg.cacheblend_ratio) for s in specs]
+
+
+def main(cfg: DictConfig) -> dict:
+    task = runner.validate(cfg)
+    records = runner.records_of(cfg, task)
+    plans = plans_from(cfg, runner.receiver_layers(cfg))
+    pair = runner.load_pair_from(cfg)
+    examples = runner.prepare(pair, task, records, cfg.max_length)
+    run = runner.start_run(cfg, "evaluate", task)
+    runner.write_json(run / "env.json", runner.environment(cfg.device))
+    store = runner.CellStore(runner.Path(cfg.cells_root) / cfg.model_pair.name, pair, task, cfg.split, cfg.max_length)
+    ev = runner.Evaluator(pair, task, store)
+    rows_by_plan, t0 = {p.name: [] for p in plans}, time.perf_counter()
+    with open(run / "samples.jsonl", "w") as samples:
+        for ex in tqdm(examples, desc="examples", dynamic_ncols=True):
+            for plan in plans:
+                row = ev.cell(plan, ex)
+                rows_by_plan[plan.name].append(row)
+                samples.write(json.dumps(row) + "\n")
+    table = summarize_plans(task, rows_by_plan)
+    summary = {"job": "evaluate", "pair": cfg.model_pair.name, "dataset": task.name, "split": cfg.split,
+               "n_examples": len(examples), "models": pair.identities(), "metric": task.metric,
+               "metric_versions": metrics.metric_versions([task.metric]), "quality": table,
+               "seconds": round(time.perf_counter() - t0, 1), "cells_file": str(store.path)}
+    runner.write_json(run / "summary.json", summary)
+    print_table(f"{cfg.model_pair.name} on {task.name}/{cfg.split} ({len(examples)} examples)", table)
+    print(f"\nresults: {run}")
+    return summary
+
+
+@hydra.main(config_path=str(runner.CONF_DIR), config_name="evaluate", version_base="1.3")
+def cli(cfg: DictConfig) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    cli()

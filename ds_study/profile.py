@@ -1,0 +1,94 @@
+"""Profile a sender -> receiver pair: per-layer deviation and the quality of the baselines.
+
+    python -m ds_study.profile                          # default embedded pair, 50 profiling examples
+    python -m ds_study.profile model_pair=tiny_code dataset=pycode limit=10
+    python -m ds_study.profile model_pair=custom model_pair.receiver=DIR model_pair.sender=DIR model_pair.task=hotpotqa
+
+Writes a new directory under ``results/runs/``: config.yaml, env.json, samples.jsonl (one line per
+example and plan), summary.json, deviation.csv (per layer: mean of k_dev, v_dev, e_dev, cosines,
+attn_cos, and their std/p25/p75 over examples), deviation_per_example.csv and deviation.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import hydra
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from ds_study import deviation, figures, metrics, runner
+
+
+def summarize_plans(task, rows_by_plan: dict[str, list[dict]]) -> list[dict]:
+    return [{"plan": p, "score": runner.quality(rows), "metric": task.metric, "n": len(rows),
+             "mean_seconds": round(sum(r["seconds"] for r in rows) / len(rows), 4)}
+            for p, rows in rows_by_plan.items()]
+
+
+def print_table(title: str, table: list[dict]) -> None:
+    print(f"\n{title}")
+    print(f"  {'plan':<28}{'score':>8}  {'metric':<10}{'n':>5}")
+    for r in table:
+        print(f"  {r['plan']:<28}{r['score']:>8.2f}  {r['metric']:<10}{r['n']:>5}")
+
+
+def main(cfg: DictConfig) -> dict:
+    task = runner.validate(cfg)
+    records = runner.records_of(cfg, task)
+    plans = runner.plans_of(cfg.plans, runner.receiver_layers(cfg))
+    pair = runner.load_pair_from(cfg)
+    examples = runner.prepare(pair, task, records, cfg.max_length)
+    run = runner.start_run(cfg, "profile", task)
+    runner.write_json(run / "env.json", runner.environment(cfg.device))
+    store = runner.CellStore(runner.Path(cfg.cells_root) / cfg.model_pair.name, pair, task, cfg.split, cfg.max_length)
+    ev = runner.Evaluator(pair, task, store)
+    print(f"profiling {cfg.model_pair.name} ({pair.sender_id['name']} -> {pair.receiver_id['name']}) on "
+          f"{task.name}/{cfg.split}: {len(examples)} examples, {pair.n_layers} layers -> {run}")
+
+    rows_by_plan = {p.name: [] for p in plans}
+    per_example, t0 = [], time.perf_counter()
+    with open(run / "samples.jsonl", "w") as samples:
+        for ex in tqdm(examples, desc="examples", dynamic_ncols=True):
+            sender_cache, receiver_cache = ev.caches(ex, need_receiver=cfg.deviation)
+            if cfg.deviation:
+                for row in deviation.layer_deviation(pair.receiver, receiver_cache, sender_cache):
+                    per_example.append({"id": ex.id, **row})
+            for plan in plans:
+                row = ev.cell(plan, ex)
+                rows_by_plan[plan.name].append(row)
+                samples.write(json.dumps(row) + "\n")
+    table = summarize_plans(task, rows_by_plan)
+    summary = {"job": "profile", "pair": cfg.model_pair.name, "dataset": task.name, "split": cfg.split,
+               "n_examples": len(examples), "n_layers": pair.n_layers, "models": pair.identities(),
+               "metric": task.metric, "metric_versions": metrics.metric_versions([task.metric]),
+               "quality": table, "seconds": round(time.perf_counter() - t0, 1), "cells_file": str(store.path)}
+    if cfg.deviation:
+        import pandas as pd
+
+        pd.DataFrame(per_example).to_csv(run / "deviation_per_example.csv", index=False)
+        dev = deviation.summarize(per_example)
+        dev.to_csv(run / "deviation.csv", index=False)
+        figures.plot_deviation(run / "deviation.csv", run / "deviation",
+                               title=f"{cfg.model_pair.name}: {pair.sender_id['name']} -> {pair.receiver_id['name']}")
+        summary["deviation_mean"] = {c: round(float(dev[c].mean()), 6) for c in deviation.COLUMNS}
+        print("\nper-layer deviation (mean over examples)")
+        print(dev[["layer", *deviation.COLUMNS]].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    if cfg.search.enabled:
+        from ds_study import search
+
+        summary["search"] = search.run_from_profile(cfg, pair, task, examples, ev, run)
+    runner.write_json(run / "summary.json", summary)
+    print_table(f"quality on {task.name}/{cfg.split} ({len(examples)} examples)", table)
+    print(f"\nresults: {run}")
+    return summary
+
+
+@hydra.main(config_path=str(runner.CONF_DIR), config_name="profile", version_base="1.3")
+def cli(cfg: DictConfig) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,237 @@
+"""Shared plumbing of the pipelines: config -> pair and examples, cell evaluation, results on disk.
+
+Results follow lm-evaluation-harness's habits: every run gets its own directory (never
+overwritten) holding the resolved config, the environment, per-example samples and a summary with
+metric versions and model identities. Evaluated (plan, example) *cells* are also appended, one
+JSON line each, to a per-pair cell file as soon as they finish; rerunning any command reuses the
+cells already there, so an interruption loses at most the cell in progress.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ds_study import data, metrics
+from ds_study.caches import ContextCache
+from ds_study.executor import Decoded, Plan, capture, decode, parse_plan, run_plan
+from ds_study.pair import ModelPair, load_pair
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+
+
+# --------------------------------------------------------------------------------------------
+# Config -> pair, task, examples
+
+
+def task_of(cfg: DictConfig) -> data.TaskSpec:
+    name = cfg.get("dataset") or cfg.model_pair.task
+    if name not in data.TASKS:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(data.TASKS))}")
+    return data.TASKS[name]
+
+
+def records_of(cfg: DictConfig, task: data.TaskSpec) -> list[dict]:
+    """Records of the configured split; LongBench subsets hold out their first 50 as the profile split."""
+    path = cfg.get("dataset_path")
+    if task.source == "longbench" or path:
+        recs = data.load_records(task.name, "test", path=path)
+        recs = data.split_records(recs, cfg.split) if task.source == "longbench" else recs
+    else:
+        recs = data.load_records(task.name, cfg.split)
+    return recs[: cfg.limit] if cfg.get("limit") else recs
+
+
+def validate(cfg: DictConfig) -> data.TaskSpec:
+    """Every check that needs no model weights, so bad input fails in seconds."""
+    task = task_of(cfg)
+    if cfg.split not in ("profile", "test"):
+        raise ValueError(f"split must be 'profile' or 'test', got {cfg.split!r}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device} but CUDA is not available here; use device=cpu")
+    return task
+
+
+def receiver_layers(cfg: DictConfig) -> int:
+    """Layer count from the receiver's config alone (cheap), to validate plans before loading weights."""
+    from transformers import AutoConfig
+
+    from ds_study.pair import resolve, shape_of
+
+    return shape_of(AutoConfig.from_pretrained(resolve(cfg.model_pair.receiver)))["num_hidden_layers"]
+
+
+def load_pair_from(cfg: DictConfig) -> ModelPair:
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    mp = cfg.model_pair
+    return load_pair(mp.receiver, mp.sender, dtype=cfg.dtype, device=cfg.device)
+
+
+@dataclass
+class Example:
+    record: dict
+    prompt: data.Prompt
+
+    @property
+    def id(self) -> str:
+        return self.record["_id"]
+
+
+def prepare(pair: ModelPair, task: data.TaskSpec, records: list[dict], max_length: int) -> list[Example]:
+    return [Example(r, data.build_prompt(r, task, pair.tokenizer, max_length)) for r in records]
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluating cells
+
+
+def prediction_text(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def score(task: data.TaskSpec, prediction: str, record: dict) -> float:
+    return metrics.score_example(prediction, record["answers"], task.metric, dataset=task.name)
+
+
+class CellStore:
+    """Append-only JSONL of evaluated (plan, example) cells, keyed so reruns skip finished work.
+
+    The file is specific to the pair's two weight hashes, the split and the metric version, so a
+    changed model or scoring rule never reuses stale cells.
+    """
+
+    def __init__(self, root: Path, pair: ModelPair, task: data.TaskSpec, split: str, max_length: int):
+        ident = json.dumps([pair.receiver_id["weights_sha256"], pair.sender_id["weights_sha256"],
+                            task.metric, metrics.get_metric(task.metric).version, max_length, task.max_new_tokens])
+        key = hashlib.sha256(ident.encode()).hexdigest()[:12]
+        self.path = Path(root) / f"{task.name}_{split}_{key}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.cells: dict[tuple[str, str], dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a cell cut off by a kill: redo it
+                    continue
+                self.cells[(row["plan"], row["id"])] = row
+
+    def get(self, plan: str, example_id: str) -> dict | None:
+        return self.cells.get((plan, example_id))
+
+    def add(self, row: dict) -> None:
+        self.cells[(row["plan"], row["id"])] = row
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class Evaluator:
+    """Runs plans on examples for one pair, capturing each example's sender cache once."""
+
+    def __init__(self, pair: ModelPair, task: data.TaskSpec, store: CellStore | None = None):
+        self.pair, self.task, self.store = pair, task, store
+        self._cache_for: tuple[str, ContextCache | None, ContextCache | None] = ("", None, None)
+
+    def caches(self, ex: Example, need_receiver: bool = False) -> tuple[ContextCache, ContextCache | None]:
+        """(sender cache with E, receiver cache with E or None), memoized for the current example."""
+        cid, s, r = self._cache_for
+        if cid != ex.id or s is None:
+            s, r = capture(self.pair.sender, ex.prompt.prefix_ids, model_id=self.pair.sender_id), None
+        if need_receiver and r is None:
+            r = capture(self.pair.receiver, ex.prompt.prefix_ids, model_id=self.pair.receiver_id)
+        self._cache_for = (ex.id, s, r)
+        return s, r
+
+    def run(self, plan: Plan, ex: Example) -> Decoded:
+        p, tok = ex.prompt, self.pair.tokenizer
+        if plan.label == "full_prefill" and self._cache_for[0] == ex.id and self._cache_for[2] is not None:
+            r = self._cache_for[2]  # the receiver's own capture *is* its full prefill
+            return decode(self.pair.receiver, list(zip(r.keys, r.values)), p.suffix_ids,
+                          self.task.max_new_tokens, tok.eos_token_id)
+        needs_sender = plan.kind != "groups" or plan.n_recomputed() < self.pair.n_layers
+        sender_cache = self.caches(ex)[0] if needs_sender else None
+        return run_plan(self.pair.receiver, self.pair.sender, plan, p.prefix_ids, p.suffix_ids,
+                        self.task.max_new_tokens, tok.eos_token_id, sender_cache=sender_cache)
+
+    def cell(self, plan: Plan, ex: Example) -> dict:
+        if self.store is not None and (row := self.store.get(plan.name, ex.id)) is not None:
+            return row
+        t0 = time.perf_counter()
+        out = self.run(plan, ex)
+        pred = prediction_text(self.pair.tokenizer, out.token_ids)
+        row = {"plan": plan.name, "id": ex.id, "n_recomputed": plan.n_recomputed() if plan.kind == "groups" else None,
+               "prediction": pred, "answers": ex.record["answers"], "score": score(self.task, pred, ex.record),
+               "metric": self.task.metric, "seconds": round(time.perf_counter() - t0, 4)}
+        if self.store is not None:
+            self.store.add(row)
+        return row
+
+
+def quality(rows: list[dict]) -> float:
+    return metrics.aggregate([r["score"] for r in rows])
+
+
+# --------------------------------------------------------------------------------------------
+# Run directories
+
+
+def environment(device: str) -> dict:
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    dev = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else platform.processor() or platform.machine()
+    from ds_study import __version__
+
+    return {"ds_study": __version__, "git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "device": device,
+            "device_name": dev, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def new_run_dir(root: str | Path, job: str, pair_name: str, dataset: str) -> Path:
+    """A fresh directory per run: an earlier run's results are never overwritten."""
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    base = Path(root) / f"{stamp}_{job}_{pair_name}_{dataset}"
+    path, k = base, 1
+    while path.exists():
+        path, k = Path(f"{base}_{k}"), k + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def start_run(cfg: DictConfig, job: str, task: data.TaskSpec) -> Path:
+    run = new_run_dir(cfg.results_root, job, cfg.model_pair.name, task.name)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return run
+
+
+def plans_of(cfg_plans, n_layers: int) -> list[Plan]:
+    plans = [cfg_plans] if isinstance(cfg_plans, str) else list(cfg_plans)
+    out = []
+    for p in plans:
+        p = OmegaConf.to_container(p) if OmegaConf.is_config(p) else p
+        out.append(parse_plan(p, n_layers))
+    return out
