@@ -1,0 +1,135 @@
+"""The embedded family, the pair contract and the profile/evaluate pipelines, end to end on CPU."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from ds_study import evaluate, profile, runner
+from ds_study.pair import IncompatiblePair, load_pair
+from ds_study.zoo import ZOO_DIR, ZooError, verify, variant_path
+
+
+def test_committed_family_verifies_and_loads_offline():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    manifest = verify()
+    assert {"base", "qa", "sum", "code"} <= set(manifest["variants"])
+    methods = {v.get("method") for v in manifest["variants"].values()}
+    assert {"full", "lora"} <= methods
+    model = AutoModelForCausalLM.from_pretrained(variant_path("qa"))
+    tok = AutoTokenizer.from_pretrained(variant_path("qa"))
+    c = model.config
+    assert c.model_type == "llama" and c.num_hidden_layers >= 8
+    assert c.num_key_value_heads < c.num_attention_heads  # GQA: E is larger than one layer's KV
+    head_dim = c.hidden_size // c.num_attention_heads
+    assert c.hidden_size > 2 * c.num_key_value_heads * head_dim - 1
+    assert tok("def f(x):")["input_ids"][0] == tok.bos_token_id
+
+
+def test_variants_differ_from_base_in_every_layer():
+    from safetensors.torch import load_file
+
+    base = load_file(str(variant_path("base") / "model.safetensors"))
+    for name in ("qa", "sum", "code"):
+        ft = load_file(str(variant_path(name) / "model.safetensors"))
+        changed = {k.split(".")[2] for k in base if "layers." in k and not torch.equal(base[k], ft[k])}
+        assert len(changed) == 8, f"{name}: only layers {sorted(changed)} differ from base"
+
+
+def test_corrupt_zoo_file_says_how_to_rebuild(tmp_path):
+    copy = tmp_path / "zoo"
+    shutil.copytree(ZOO_DIR, copy)
+    weights = copy / "code" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-10] ^= 0x01
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ZooError, match="corrupt.*rebuild"):
+        verify(copy)
+    (copy / "base" / "config.json").unlink()
+    with pytest.raises(ZooError, match="missing"):
+        verify(copy)
+
+
+def test_unknown_pair_and_dataset_list_the_choices(compose_cfg):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="tiny"):
+        compose_cfg("profile", "model_pair=nope")
+    with pytest.raises(ValueError, match="available: .*pyqa"):
+        runner.validate(compose_cfg("profile", "dataset=nope"))
+
+
+def test_tokenizer_mismatch_refused_before_any_weights_load(tmp_path, monkeypatch):
+    import transformers
+
+    other = tmp_path / "other"
+    shutil.copytree(variant_path("code"), other)
+    vocab_file = other / "tokenizer.json"
+    tj = json.loads(vocab_file.read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = list(vocab)[300], list(vocab)[301]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    vocab_file.write_text(json.dumps(tj))
+
+    def boom(*a, **k):
+        raise AssertionError("weights were loaded before the compatibility check")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    with pytest.raises(IncompatiblePair, match="tokenizers"):
+        load_pair("zoo:qa", str(other))
+
+
+def test_shape_mismatch_refused(tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(variant_path("code"), other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(IncompatiblePair, match="num_key_value_heads"):
+        load_pair("zoo:qa", str(other))
+
+
+def test_profile_writes_results_and_never_overwrites(compose_cfg, tmp_path):
+    cfg = compose_cfg("profile", "limit=2", f"results_root={tmp_path}/runs", f"cells_root={tmp_path}/cells")
+    first = profile.main(cfg)
+    second = profile.main(cfg)
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2
+    run = runs[0]
+    for f in ("config.yaml", "env.json", "samples.jsonl", "summary.json", "deviation.csv",
+              "deviation_per_example.csv", "deviation.png"):
+        assert (run / f).exists(), f
+    dev = pd.read_csv(run / "deviation.csv")
+    assert {"layer", "k_dev", "v_dev", "e_dev", "attn_cos", "k_dev_p25", "k_dev_p75", "attn_cos_std"} <= set(dev.columns)
+    assert len(dev) == 8 and (dev.k_dev > 0).all()
+    assert [r["plan"] for r in first["quality"]] == ["full_prefill", "sender", "full_reuse"]
+    assert first["quality"] == second["quality"]  # second run served from the cell file
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] and env["transformers"] and "git_commit" in env
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and {"id", "plan", "prediction", "score"} <= set(samples[0])
+
+
+def test_self_deviation_is_exactly_zero(compose_cfg, tmp_path):
+    cfg = compose_cfg("profile", "limit=1", "model_pair.sender=zoo:qa", "plans=[full_reuse]",
+                      f"results_root={tmp_path}/runs", f"cells_root={tmp_path}/cells")
+    summary = profile.main(cfg)
+    dev = pd.read_csv(next((tmp_path / "runs").iterdir()) / "deviation.csv")
+    assert (dev[["k_dev", "v_dev", "e_dev"]] == 0.0).all().all()
+    assert (dev[["k_cos", "v_cos", "e_cos", "attn_cos"]] - 1.0).abs().max().max() < 1e-9
+    full = summary["quality"][0]
+    assert full["plan"] == "full_reuse"
+
+
+def test_evaluate_scores_named_and_group_plans(compose_cfg, tmp_path):
+    cfg = compose_cfg("evaluate", "limit=2", "plan=[full_prefill,full_reuse,cacheblend,'2-5',[[0,1],[6,7]]]",
+                      f"results_root={tmp_path}/runs", f"cells_root={tmp_path}/cells")
+    summary = evaluate.main(cfg)
+    assert [r["plan"] for r in summary["quality"]] == ["full_prefill", "full_reuse", "cacheblend@0.15",
+                                                        "groups:2-5", "groups:0-1,6-7"]
+    with pytest.raises(Exception, match="outside layers"):
+        evaluate.main(compose_cfg("evaluate", "plan='6-9'", f"results_root={tmp_path}/r2"))
+    assert not (tmp_path / "r2").exists()  # refused before any run directory or model load
