@@ -8,13 +8,18 @@ passage, function or code line was ever seen in training.
 The three generated tasks mirror LongBench's three metric families:
 
 - ``pyqa`` (multi-document QA, F1): several passages, one per stdlib function (name, module,
-  signature, first docstring paragraph); the question asks for the parameters or the module of
-  one function; the others are distractors.
+  signature, first docstring paragraph); the question asks for the signature of one function
+  (answer ``name(params)``, so F1 over the normalized words measures the recalled parameters);
+  the other passages are distractors.
 - ``pysum`` (summarization, Rouge-L): the source of several functions; the reference is the
   summary line its author wrote in the docstring of the requested one. The reference is present
   in the context, so this is *extractive* summarization, far easier than multi_news.
 - ``pycode`` (code completion, code similarity): the code preceding a line of a stdlib file, and
   that line (stripped) as the answer, as in LongBench's lcc.
+
+Training examples use contexts of varying length (about 35-100% of the evaluation length): a
+tiny model learns in-context lookup far faster from short contexts, and the training budget of
+the embedded family is a few CPU minutes per variant. Profile and test examples are full length.
 """
 
 from __future__ import annotations
@@ -170,16 +175,19 @@ def _qa_passage(f: Function, k: int) -> str:
             f"Signature: {f.name}({f.params})\n{f.doc_paragraph}\n")
 
 
+def _length(rng: random.Random, pool: str, target_chars: int) -> int:
+    """Full length for evaluation pools; 35-100% of it for training (see module docstring)."""
+    return target_chars if pool != "train" else rng.randint(int(0.35 * target_chars), target_chars)
+
+
 def make_pyqa(funcs: list[Function], n: int, seed: int, pool: str, target_chars: int = 1700):
     rng = random.Random(seed)
     targets = rng.sample(funcs, min(n, len(funcs))) if n <= len(funcs) else [rng.choice(funcs) for _ in range(n)]
     for i, f in enumerate(targets):
-        chosen = _pick_distinct(rng, funcs, f, target_chars, _qa_passage, min_items=5)
+        chosen = _pick_distinct(rng, funcs, f, _length(rng, pool, target_chars), _qa_passage,
+                                min_items=5 if pool != "train" else 2)
         context = "\n".join(_qa_passage(g, k + 1) for k, g in enumerate(chosen))
-        if rng.random() < 0.5:
-            q, a = f"What are the parameters of the function {f.name}?", f.params
-        else:
-            q, a = f"Which module defines the function {f.name}?", f.module
+        q, a = f"What is the signature of the function {f.name}?", f"{f.name}({f.params})"
         yield _record("pyqa", i, pool, context, q, a), [g.origin for g in chosen]
 
 
@@ -191,7 +199,8 @@ def make_pysum(funcs: list[Function], n: int, seed: int, pool: str, target_chars
     rng = random.Random(seed)
     targets = rng.sample(funcs, min(n, len(funcs))) if n <= len(funcs) else [rng.choice(funcs) for _ in range(n)]
     for i, f in enumerate(targets):
-        chosen = _pick_distinct(rng, funcs, f, target_chars, _sum_item, min_items=3)
+        chosen = _pick_distinct(rng, funcs, f, _length(rng, pool, target_chars), _sum_item,
+                                min_items=3 if pool != "train" else 2)
         context = "\n".join(_sum_item(g, 0) for g in chosen)
         yield _record("pysum", i, pool, context, f.name, f.summary), [g.origin for g in chosen]
 
@@ -216,7 +225,8 @@ def make_pycode(files: list[SourceFile], n: int, seed: int, pool: str, target_ch
                 candidates.append((src, j, lines, offsets))
     picks = rng.sample(candidates, min(n, len(candidates)))
     for i, (src, j, lines, offsets) in enumerate(picks):
-        start = next(k for k in range(j) if offsets[j] - offsets[k] <= target_chars)
+        want = _length(rng, pool, target_chars)
+        start = next(k for k in range(j) if offsets[j] - offsets[k] <= want)
         context = "\n".join(lines[start:j]) + "\n"
         rec = _record("pycode", i, pool, context, "", lines[j].strip())
         yield rec, [f"{src.relpath}:{start + 1}-{j + 1}"]
