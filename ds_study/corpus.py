@@ -15,7 +15,8 @@ The three generated tasks mirror LongBench's three metric families:
   summary line its author wrote in the docstring of the requested one. The reference is present
   in the context, so this is *extractive* summarization, far easier than multi_news.
 - ``pycode`` (code completion, code similarity): the code preceding a line of a stdlib file, and
-  that line (stripped) as the answer, as in LongBench's lcc.
+  that line (stripped) as the answer, as in LongBench's lcc; target lines are code (at least 12
+  characters, not comments, not inside docstrings).
 
 Training examples use contexts of varying length (about 35-100% of the evaluation length): a
 tiny model learns in-context lookup far faster from short contexts, and the training budget of
@@ -210,18 +211,35 @@ def _code_target_ok(line: str) -> bool:
     return len(s) >= 12 and not s.startswith(("#", '"', "'")) and "\t" not in line
 
 
+def _lines_inside_strings(text: str) -> set[int]:
+    """0-based indices of lines that start inside a multi-line string (docstring bodies): prose,
+    not code, so never a completion target."""
+    import io
+    import tokenize
+
+    inside = set()
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.STRING and tok.end[0] > tok.start[0]:
+                inside.update(range(tok.start[0], tok.end[0]))  # 1-based rows after the first
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return set(range(len(text.split("\n"))))  # unparsable file: use none of its lines
+    return inside
+
+
 def make_pycode(files: list[SourceFile], n: int, seed: int, pool: str, target_chars: int = 1950):
     """Next-line completion: ~target_chars of preceding code (cut at a line start), then the line."""
     rng = random.Random(seed)
     candidates = []
     for src in files:
         lines = src.text.split("\n")
+        in_strings = _lines_inside_strings(src.text)
         offsets, total = [], 0
         for ln in lines:
             offsets.append(total)
             total += len(ln) + 1
         for j, ln in enumerate(lines):
-            if offsets[j] >= target_chars and _code_target_ok(ln):
+            if offsets[j] >= target_chars and _code_target_ok(ln) and j not in in_strings:
                 candidates.append((src, j, lines, offsets))
     picks = rng.sample(candidates, min(n, len(candidates)))
     for i, (src, j, lines, offsets) in enumerate(picks):

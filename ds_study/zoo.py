@@ -181,19 +181,63 @@ def pretrain(cfg: DictConfig, tokenizer, text: str, device: str):
     return model, stats
 
 
-def finetune_examples(tokenizer, task_name: str, split: str, max_length: int):
-    """(input_ids, labels) per record: the evaluation prompt, then the answer and EOS (answer-only loss)."""
+def context_questions(task_name: str, record: dict) -> list[tuple[str, str]]:
+    """Other (input, answer) pairs the same context answers: every passage of a pyqa context, every
+    documented function of a pysum context (none for pycode)."""
+    import ast
+    import re
+
+    if task_name == "pyqa":
+        return [(f"What is the signature of the function {name}?", f"{name}({params})")
+                for name, params in re.findall(r"^Signature: (\w+)\((.*)\)$", record["context"], re.M)]
+    if task_name == "pysum":
+        try:
+            tree = ast.parse(record["context"])
+        except SyntaxError:
+            return []
+        out = []
+        for node in tree.body:
+            doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+            summary = " ".join(doc.strip().split("\n")[0].split()) if doc else ""
+            if 4 <= len(summary.split()) <= 20:
+                out.append((node.name, summary))
+        return out
+    return []
+
+
+def finetune_examples(tokenizer, task_name: str, split: str, max_length: int, pack: int = 1, seed: int = 0,
+                      loss_on: str = "answer"):
+    """(input_ids, labels) per record: the evaluation prompt, the answer and EOS (answer-only loss).
+
+    With ``pack > 1`` the same context is followed by up to ``pack - 1`` further questions about it
+    (suffix, answer, EOS each): the first question is exactly the evaluation format, and each extra
+    one adds supervised tokens for the price of a few more positions instead of a whole context.
+    ``loss_on="all"`` also trains on the prompt tokens (continued pretraining on the task's text,
+    as code models are fine-tuned on whole files).
+    """
     from ds_study.data import TASKS, build_prompt, load_records
 
     task = TASKS[task_name]
+
+    def answer_ids(answer: str) -> list[int]:
+        ids = tokenizer(answer if task.family == "code" else " " + answer,
+                        add_special_tokens=False)["input_ids"][: task.max_new_tokens - 1]
+        return ids + [tokenizer.eos_token_id]
+
     out = []
-    for rec in load_records(task_name, split):
+    for k, rec in enumerate(load_records(task_name, split)):
         prompt = build_prompt(rec, task, tokenizer, max_length)
-        answer = rec["answers"][0] if task.family == "code" else " " + rec["answers"][0]
-        ans = tokenizer(answer, add_special_tokens=False)["input_ids"][: task.max_new_tokens - 1]
-        ans.append(tokenizer.eos_token_id)
-        ids = prompt.input_ids + ans
-        out.append((ids, [-100] * len(prompt.input_ids) + ans))
+        ans = answer_ids(rec["answers"][0])
+        ids, labels = prompt.input_ids + ans, [-100] * len(prompt.input_ids) + ans
+        extra = [qa for qa in context_questions(task_name, rec) if qa != (rec["input"], rec["answers"][0])]
+        random.Random(seed * 100_003 + k).shuffle(extra)
+        for question, answer in extra[: pack - 1]:
+            suffix = tokenizer(task.suffix_template.format(input=question, context=""), add_special_tokens=False)["input_ids"]
+            ans = answer_ids(answer)
+            if len(ids) + len(suffix) + len(ans) > max_length:
+                break
+            ids, labels = ids + suffix + ans, labels + [-100] * len(suffix) + ans
+        out.append((ids, ids if loss_on == "all" else labels))
     return out
 
 
@@ -221,7 +265,10 @@ def finetune(cfg: DictConfig, name: str, base_dir: Path, tokenizer, device: str)
         model = get_peft_model(model, lcfg)
     elif v.method != "full":
         raise ValueError(f"variant {name}: method must be 'full' or 'lora', got {v.method!r}")
-    train = finetune_examples(tokenizer, v.task, "train", cfg.finetune_max_length)
+    if v.get("loss_on", "answer") not in ("answer", "all"):
+        raise ValueError(f"variant {name}: loss_on must be 'answer' or 'all', got {v.loss_on!r}")
+    train = finetune_examples(tokenizer, v.task, "train", cfg.finetune_max_length, cfg.finetune_pack, cfg.seed,
+                              v.get("loss_on", "answer"))
     val = finetune_examples(tokenizer, v.task, "profile", cfg.finetune_max_length)[: cfg.finetune_val_examples]
     order = random.Random(cfg.seed + list(cfg.variants).index(name)).sample(range(len(train)), len(train))
     pad = tokenizer.pad_token_id
@@ -249,6 +296,25 @@ def _save(model, tokenizer, path: Path) -> None:
 # Build and compare
 
 
+BASE_RECIPE_KEYS = ("seed", "threads", "tokenizer", "model", "pretrain")
+
+
+def reusable_base(cfg: DictConfig, out: Path) -> dict | None:
+    """The previous manifest in ``out`` if ``reuse_base`` is set and its base was built by the same
+    tokenizer/model/pretraining recipe and is intact; else None (the base is rebuilt)."""
+    mpath = out / MANIFEST
+    if not cfg.get("reuse_base") or not mpath.exists():
+        return None
+    prev = json.loads(mpath.read_text())
+    now = OmegaConf.to_container(cfg, resolve=True)
+    if any(prev["recipe"].get(k) != now.get(k) for k in BASE_RECIPE_KEYS):
+        return None
+    base_files = {k: v for k, v in prev["files"].items() if k.startswith("base/")}
+    if not base_files or any(not (out / k).exists() or sha256_file(out / k) != v for k, v in base_files.items()):
+        return None
+    return prev
+
+
 def build(cfg: DictConfig, out: Path) -> dict:
     """Build the whole family into ``out`` and write its manifest."""
     from ds_study.data import TASKS, load_records
@@ -258,20 +324,31 @@ def build(cfg: DictConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
-    if out.exists():
+    previous = reusable_base(cfg, out)
+    if previous is None and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
-    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
-        text = f.read()
-    instructions = [TASKS[t].prefix_template + TASKS[t].suffix_template for t in ("pyqa", "pysum", "pycode")]
-    task_texts = [r["input"] + "\n" + r["answers"][0] for t in ("pyqa", "pysum") for r in load_records(t, "train")]
-    tokenizer = train_tokenizer(cfg, [text] + instructions * 50 + task_texts)
+    for d in (out.iterdir() if out.exists() else []):
+        if d.name not in ("base", MANIFEST):  # the old manifest stays until the new one replaces it
+            shutil.rmtree(d) if d.is_dir() else d.unlink()
+    out.mkdir(parents=True, exist_ok=True)
     timings = {}
+    if previous is not None:  # same tokenizer/model/pretrain recipe: keep the verified base
+        from transformers import AutoTokenizer
 
-    base, base_stats = pretrain(cfg, tokenizer, text, cfg.device)
-    _save(base, tokenizer, out / "base")
-    timings["base"] = round(time.time() - t0, 1)
-    variants = {"base": {"parent": None, **base_stats}}
+        tokenizer = AutoTokenizer.from_pretrained(out / "base")
+        variants = {"base": previous["variants"]["base"]}
+        timings["base"] = previous["build"]["per_variant_seconds"]["base"]
+        print(f"reusing the pretrained base in {out / 'base'} (its files match the previous manifest)")
+    else:
+        with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+            text = f.read()
+        instructions = [TASKS[t].prefix_template + TASKS[t].suffix_template for t in ("pyqa", "pysum", "pycode")]
+        task_texts = [r["input"] + "\n" + r["answers"][0] for t in ("pyqa", "pysum") for r in load_records(t, "train")]
+        tokenizer = train_tokenizer(cfg, [text] + instructions * 50 + task_texts)
+        base, base_stats = pretrain(cfg, tokenizer, text, cfg.device)
+        _save(base, tokenizer, out / "base")
+        timings["base"] = round(time.time() - t0, 1)
+        variants = {"base": {"parent": None, **base_stats}}
     for name in cfg.variants:
         t1 = time.time()
         model, stats = finetune(cfg, name, out / "base", tokenizer, cfg.device)
@@ -286,7 +363,8 @@ def build(cfg: DictConfig, out: Path) -> dict:
         "variants": variants,
         "data": {p.relative_to(CORPUS.parents[2]).as_posix(): sha256_file(p) for p in data_files},
         "data_sources": json.loads((CORPUS.parent / "SOURCES.json").read_text()),
-        "build": {"seconds": round(time.time() - t0, 1), "per_variant_seconds": timings,
+        "build": {"seconds": round(sum(timings.values()), 1), "per_variant_seconds": timings,
+                  "base_reused": previous is not None,
                   "torch": torch.__version__, "python": platform.python_version(),
                   "machine": platform.machine(), "device": cfg.device, "threads": cfg.threads},
         "files": file_hashes(out),
