@@ -1,6 +1,6 @@
 """Quality of receiver and sender of each embedded pair on its task's test split (issue: foundation).
 
-    python scripts/pair_quality.py [--pairs tiny tiny_sum tiny_code] [--split test] [--limit N]
+    python scripts/pair_quality.py [--pairs tiny tiny_qa tiny_base tiny_sum] [--split test] [--limit N]
 
 Checks the paper's benchmark rules (§2.1) on the embedded family: the receiver was fine-tuned for
 the pair's task and beats the sender there by at least 10 points, and reaches the quality floor
@@ -52,7 +52,7 @@ def evaluate_pair(name: str, split: str, limit: int | None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", nargs="+", default=["tiny", "tiny_sum", "tiny_code"])
+    ap.add_argument("--pairs", nargs="+", default=["tiny", "tiny_qa", "tiny_base", "tiny_sum"])
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", default="results/pair_quality")
@@ -60,9 +60,10 @@ def main() -> None:
     rows = [evaluate_pair(p, args.split, args.limit) for p in args.pairs]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": "python scripts/pair_quality.py " + " ".join(
-        f"--pairs {' '.join(args.pairs)}".split() + ([f"--limit {args.limit}"] if args.limit else [])),
-        "env": runner.environment("cpu"), "pairs": rows}, indent=2) + "\n")
+    command = (f"python scripts/pair_quality.py --pairs {' '.join(args.pairs)} --split {args.split} --out {args.out}"
+               + (f" --limit {args.limit}" if args.limit else ""))
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "env": runner.environment("cpu"),
+                                                    "pairs": rows}, indent=2) + "\n")
     lines = ["| pair | receiver <- sender | task (metric) | n | receiver | sender | margin | floor | rules met |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -70,7 +71,7 @@ def main() -> None:
         lines.append(f"| {r['pair']} | {r['receiver']} <- {r['sender']} | {r['task']} ({r['metric']}) | {r['n']} | "
                      f"{r['receiver_score']:.2f} | {r['sender_score']:.2f} | {r['margin']:+.2f} | {r['floor']:.0f} | {ok} |")
     table = "\n".join(lines)
-    out.with_suffix(".md").write_text(f"Produced by `python scripts/pair_quality.py` ({args.split} split).\n\n{table}\n")
+    out.with_suffix(".md").write_text(f"Produced by `{command}`.\n\n{table}\n")
     print(table)
 
 

@@ -1,0 +1,852 @@
+"""Reference pipelined engine: cache store, paced link, receiver strategies and their scheduler.
+
+DroidSpeak's receiver (paper §4.2) gets the sender's per-layer KV and the hidden state E at each
+transition layer over a network, and its latency depends on *how* it loads them:
+
+- ``send_all``    (a) load E and every layer's KV, then recompute;
+- ``send_reused`` (b) load only the transition E and the reused layers' KV, then recompute;
+- ``pipelined``   (c) E first; recompute the group while the reused KV streams; the final prompt
+                      pass waits on each layer's arrival, and loading for the next request may
+                      overlap this request's recompute;
+- ``full_prefill`` and ``full_reuse`` as the two ends.
+
+This module holds what every run needs: a store of per-layer entries keyed by (sender, context,
+layer, kind) with checksums, a link that paces copies to a bandwidth, the scheduling rules of the
+strategies, a unit-cost simulator of those rules (the paper's Fig. 13), and the real executor that
+follows the same rules with a loader thread and per-layer arrival events. Every run records, per
+request and per layer, when loads and computation started and ended and how long anything waited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, NamedTuple
+
+import torch
+from transformers import DynamicCache
+
+from ds_study.caches import KINDS, CacheChecksumError, ContextCache, tensors_sha256
+from ds_study.executor import Plan, PlanError, check_supported, decode, groups_plan, parse_plan, recompute_group
+
+STRATEGIES: dict[str, str] = {
+    "send_all": "(a) load E and every layer's KV, then recompute",
+    "send_reused": "(b) load only the transition E and the reused layers' KV, then recompute",
+    "pipelined": "(c) E first, recompute while the reused KV streams, final pass waits per layer",
+    "full_prefill": "the receiver prefills the context itself; nothing is loaded",
+    "full_reuse": "stream every layer's KV and recompute nothing; the final pass waits per layer",
+}
+ALIASES = {"a": "send_all", "b": "send_reused", "c": "pipelined"}
+# Streaming strategies consume each item when it is needed, so the link may run ahead into the next
+# request; the others load everything, then compute, one request at a time (paper Fig. 13 a, b).
+STREAMING = ("pipelined", "full_reuse")
+
+
+class EngineError(ValueError):
+    """A request the engine cannot run (unknown strategy, wrong model); raised before any work."""
+
+
+class StoreMiss(KeyError):
+    """No entry under this key."""
+
+
+class TransferFailed(RuntimeError):
+    """The sender died, the link broke or an item did not arrive in time: fall back to full prefill."""
+
+
+class EntryRejected(RuntimeError):
+    """An entry failed its checksum on arrival; the receiver recomputes what it would have given."""
+
+    def __init__(self, item: "Item", reason: str):
+        super().__init__(f"{item.name}: {reason}")
+        self.item = item
+
+
+# --------------------------------------------------------------------------------------------
+# Store
+
+
+def model_identity(model_id: dict | str) -> str:
+    """``name@sha12`` from a pair identity (name, weights_sha256): different weights, different entries."""
+    if isinstance(model_id, str):
+        return model_id
+    sha = model_id.get("weights_sha256") or ""
+    name = model_id.get("name") or "model"
+    return f"{name}@{sha[:12]}" if sha else name
+
+
+def context_hash(token_ids: list[int]) -> str:
+    return hashlib.sha256(json.dumps(list(token_ids)).encode()).hexdigest()[:16]
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@=-]", "_", s)
+
+
+@dataclass(frozen=True)
+class EntryKey:
+    """One stored tensor. ``receiver`` set means a cross-model entry: the sender's tensor prepared for
+    that receiver. Such entries live in their own (lossy) namespace: their key never equals the key
+    of an exact, same-model lookup, so they can never be served as an exact hit."""
+
+    owner: str  # identity of the model that computed the tensor
+    context: str  # context_hash of the token ids
+    layer: int
+    kind: str  # "k" | "v" | "e"
+    receiver: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"entry kind must be one of {KINDS}, got {self.kind!r}")
+        if self.receiver is not None and self.receiver == self.owner:
+            raise ValueError(f"a cross-model entry needs two different models, got {self.owner!r} twice")
+
+    @property
+    def namespace(self) -> str:
+        return "exact" if self.receiver is None else "cross"
+
+    def relpath(self) -> Path:
+        ns = _safe(self.owner) if self.receiver is None else f"{_safe(self.owner)}--to--{_safe(self.receiver)}"
+        return Path(self.namespace, ns, self.context, f"{self.layer:03d}.{self.kind}.safetensors")
+
+
+def entry_key(sender: str, receiver: str, context: str, layer: int, kind: str) -> EntryKey:
+    """The key a receiver looks up: exact when it reads its own cache, cross-model otherwise."""
+    return EntryKey(sender, context, layer, kind, None if sender == receiver else receiver)
+
+
+@dataclass
+class Entry:
+    tensor: torch.Tensor
+    sha256: str
+
+
+class KVStore:
+    """Per-layer K, V and E entries in memory, optionally persisted one safetensors file per entry.
+
+    Every entry carries the sha256 of its bytes, taken when it was put; ``get`` verifies it (a
+    corrupt entry raises CacheChecksumError and is dropped from memory), so corruption is rejected
+    rather than served. ``pin_memory`` keeps CPU entries in page-locked memory for async GPU copies.
+    """
+
+    def __init__(self, root: str | Path | None = None, pin_memory: bool = False):
+        self.root = Path(root) if root is not None else None
+        self.pin_memory = pin_memory
+        self._mem: dict[EntryKey, Entry] = {}
+
+    def put(self, key: EntryKey, tensor: torch.Tensor) -> str:
+        t = tensor.detach().clone(memory_format=torch.contiguous_format)  # the store owns its bytes
+        if self.pin_memory and t.device.type == "cpu" and not t.is_pinned():
+            t = t.pin_memory()
+        sha = tensors_sha256({"t": t})
+        self._mem[key] = Entry(t, sha)
+        if self.root is not None:
+            from safetensors.torch import save_file
+
+            path = self.root / key.relpath()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"t": t.cpu()}, str(path), metadata={"sha256": sha, "key": json.dumps(asdict(key))})
+        return sha
+
+    def _from_disk(self, key: EntryKey) -> Entry | None:
+        if self.root is None or not (self.root / key.relpath()).is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(self.root / key.relpath()), framework="pt") as f:
+            meta, t = f.metadata() or {}, f.get_tensor("t")
+        if "sha256" not in meta:
+            raise CacheChecksumError(f"{self.root / key.relpath()}: no checksum in the entry")
+        return Entry(t.pin_memory() if self.pin_memory else t, meta["sha256"])
+
+    def get(self, key: EntryKey, verify: bool = True) -> torch.Tensor:
+        entry = self._mem.get(key) or self._from_disk(key)
+        if entry is None:
+            raise StoreMiss(f"no {key.namespace} entry for {key}")
+        if verify and tensors_sha256({"t": entry.tensor}) != entry.sha256:
+            self._mem.pop(key, None)
+            raise CacheChecksumError(f"entry {key} is corrupt (checksum mismatch); rejected")
+        self._mem[key] = entry
+        return entry.tensor
+
+    def checksum(self, key: EntryKey) -> str:
+        entry = self._mem.get(key) or self._from_disk(key)
+        if entry is None:
+            raise StoreMiss(f"no {key.namespace} entry for {key}")
+        return entry.sha256
+
+    def __contains__(self, key: EntryKey) -> bool:
+        return key in self._mem or (self.root is not None and (self.root / key.relpath()).is_file())
+
+    def nbytes(self, key: EntryKey) -> int:
+        t = self.get(key, verify=False)
+        return t.numel() * t.element_size()
+
+    def lookup_exact(self, model: str, context: str, layer: int, kind: str) -> torch.Tensor:
+        """A model's own cached tensor; never answered from a cross-model entry."""
+        return self.get(EntryKey(model, context, layer, kind))
+
+    def lookup_cross(self, sender: str, receiver: str, context: str, layer: int, kind: str) -> torch.Tensor:
+        return self.get(EntryKey(sender, context, layer, kind, receiver))
+
+    def put_cache(self, cache: ContextCache, owner: str, receiver: str | None = None,
+                  layers: list[int] | None = None, kinds: tuple[str, ...] = KINDS) -> list[EntryKey]:
+        """Store a captured context layer by layer (exact namespace, or cross-model for ``receiver``)."""
+        ctx = context_hash(cache.token_ids)
+        keys = []
+        for i in layers if layers is not None else range(cache.n_layers):
+            for kind in kinds:
+                if kind == "e" and cache.embeds is None:
+                    continue
+                key = EntryKey(owner, ctx, i, kind, receiver)
+                self.put(key, cache.tensor(kind, i))
+                keys.append(key)
+        return keys
+
+
+# --------------------------------------------------------------------------------------------
+# Link
+
+
+def _sleep_until(t: float) -> None:
+    while (d := t - time.perf_counter()) > 0:
+        time.sleep(d)
+
+
+@dataclass
+class Link:
+    """A serial link of ``gbps`` Gbit/s (None: as fast as memory copies) and a per-transfer latency.
+
+    Transfers move in chunks, and chunk j is handed over only once the link could have delivered
+    it (start + latency + bytes through j / rate), against absolute deadlines. A transfer starts
+    when its data is ready or when the previous transfer ends on the wire, whichever is later
+    (``schedule``): a thread that wakes up late delays when it *notices* bytes, never when the
+    wire carries them, so scheduling lag does not pile up across items. The same schedule paces
+    local copies, CUDA copies (chunk issue is throttled) and distributed sends.
+    """
+
+    gbps: float | None = None
+    latency_s: float = 0.0
+    chunk_bytes: int = 1 << 18
+
+    def __post_init__(self):
+        if self.gbps is not None and not self.gbps > 0:
+            raise ValueError(f"link bandwidth must be positive (Gbit/s) or None, got {self.gbps}")
+        if self.latency_s < 0 or self.chunk_bytes <= 0:
+            raise ValueError("link latency must be >= 0 and chunk_bytes > 0")
+        self._lock = threading.Lock()
+        self.busy_until = 0.0  # perf_counter time at which the last scheduled transfer leaves the wire
+
+    @property
+    def bytes_per_s(self) -> float | None:
+        return None if self.gbps is None else self.gbps * 1e9 / 8
+
+    def seconds(self, nbytes: int) -> float:
+        """Time the link needs for one transfer of ``nbytes`` (the analytic load time)."""
+        return self.latency_s + (0.0 if self.gbps is None else nbytes / self.bytes_per_s)
+
+    def schedule(self, nbytes: int, ready: float | None = None) -> float:
+        """Book the wire for one transfer whose data is ready at ``ready`` (default now); its start."""
+        ready = time.perf_counter() if ready is None else ready
+        start = max(ready, self.busy_until)
+        self.busy_until = start + self.seconds(nbytes)
+        return start
+
+    def chunks(self, nbytes: int, start: float | None = None):
+        """Yield (lo, hi) byte ranges of one transfer, each when the link has delivered it."""
+        start = self.schedule(nbytes) if start is None else start
+        for lo in range(0, nbytes, self.chunk_bytes):
+            hi = min(nbytes, lo + self.chunk_bytes)
+            if self.gbps is not None or self.latency_s:
+                _sleep_until(start + self.seconds(hi))
+            yield lo, hi
+
+    def copy(self, srcs: list[torch.Tensor], dsts: list[torch.Tensor], stream=None,
+             cancelled: Callable[[], bool] | None = None,
+             on_segment: Callable[[int, torch.Tensor], None] | None = None,
+             ready: float | None = None) -> float | None:
+        """Copy each source into its destination as one paced transfer; returns the time it started
+        on the wire, or None if cancelled midway.
+
+        ``ready``: when the data was ready to go (default now). ``on_segment(j, bytes)`` sees every
+        copied byte range of source j, in order (used to checksum an entry while it is on the link
+        instead of before or after)."""
+        with self._lock:
+            flat = [(_bytes(s), _bytes(d)) for s, d in zip(srcs, dsts)]
+            bounds = [0]
+            for s, _ in flat:
+                bounds.append(bounds[-1] + s.numel())
+            ctx = torch.cuda.stream(stream) if stream is not None else _nullctx()
+            start = self.schedule(bounds[-1], ready)
+            with ctx:
+                for lo, hi in self.chunks(bounds[-1], start):
+                    if cancelled is not None and cancelled():
+                        return None
+                    for j, (s, d) in enumerate(flat):  # a chunk may span tensor boundaries
+                        a, b = max(lo, bounds[j]) - bounds[j], min(hi, bounds[j + 1]) - bounds[j]
+                        if a < b:
+                            d[a:b].copy_(s[a:b], non_blocking=stream is not None)
+                            if on_segment is not None:
+                                on_segment(j, s[a:b])
+            return start
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_contiguous():
+        raise ValueError("link transfers need contiguous tensors")
+    return t.reshape(-1).view(torch.uint8)
+
+
+def entry_hasher(t: torch.Tensor):
+    """A sha256 primed like ``tensors_sha256({"t": t})``: feed it t's bytes in order to get the same digest."""
+    h = hashlib.sha256()
+    for part in (b"t", str(t.dtype).encode(), str(tuple(t.shape)).encode()):
+        h.update(part)
+    return h
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies: what is sent, in which order, and what waits on what
+
+
+class Item(NamedTuple):
+    """One unit on the link: a layer's K and V together ("kv"), or the E entering a layer ("e")."""
+
+    layer: int
+    kind: str
+
+    @property
+    def name(self) -> str:
+        return f"{'KV' if self.kind == 'kv' else 'E'}{self.layer}"
+
+    def entry_kinds(self) -> tuple[str, ...]:
+        return ("k", "v") if self.kind == "kv" else ("e",)
+
+
+def resolve_strategy(name: str) -> str:
+    s = ALIASES.get(name, name)
+    if s not in STRATEGIES:
+        raise EngineError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)} "
+                          f"(or a/b/c for {', '.join(ALIASES.values())})")
+    return s
+
+
+def check_request(strategy: str, plan, n_layers: int) -> tuple[str, Plan]:
+    """Validate a (strategy, plan) pair for an ``n_layers`` model before any work starts.
+
+    ``full_prefill`` and ``full_reuse`` imply their own plan; the others take a recompute-group plan.
+    """
+    strategy = resolve_strategy(strategy)
+    if strategy == "full_prefill":
+        return strategy, parse_plan("full_prefill", n_layers)
+    if strategy == "full_reuse":
+        return strategy, parse_plan("full_reuse", n_layers)
+    plan = parse_plan(plan, n_layers)
+    if plan.kind != "groups":
+        raise PlanError(f"the engine runs recompute-group plans; {plan.name!r} is not one")
+    return strategy, groups_plan(plan.groups, n_layers, label=plan.label)  # re-checks range and overlap
+
+
+def transfer_items(strategy: str, plan: Plan, n_layers: int) -> list[Item]:
+    """What the link carries for one request, in order: transition E first, then KV in layer order."""
+    strategy = resolve_strategy(strategy)
+    if strategy == "full_prefill":
+        return []
+    es = [Item(a, "e") for a in plan.transition_layers()]
+    layers = range(n_layers) if strategy == "send_all" else plan.reused_layers(n_layers)
+    return es + [Item(i, "kv") for i in layers]
+
+
+def repair_plan(plan: Plan, n_layers: int, bad_kv=(), bad_e=()) -> Plan:
+    """The least extra recomputation that never reads a rejected entry.
+
+    Rejected KV layers join the recomputed set; a group whose starting E is unavailable (rejected,
+    or never sent because the layer was reused) grows backwards into the previous group, or down
+    to layer 0, which starts from the receiver's own embeddings.
+    """
+    have_e = set(plan.transition_layers()) - set(bad_e)
+    rec = set(plan.recomputed_layers()) | set(bad_kv)
+    while True:
+        runs = _runs(sorted(rec))
+        orphan = next(((a, b) for a, b in runs if a > 0 and a not in have_e), None)
+        if orphan is None:
+            break
+        prev_end = max((b for _, b in runs if b < orphan[0]), default=-1)
+        rec |= set(range(prev_end + 1, orphan[0]))
+    return groups_plan(runs, n_layers, label="repair:" + (",".join(f"{a}-{b}" for a, b in runs) or "none"))
+
+
+def _runs(layers: list[int]) -> list[tuple[int, int]]:
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return [tuple(r) for r in runs]
+
+
+# --------------------------------------------------------------------------------------------
+# Timeline records
+
+
+@dataclass
+class Span:
+    """One interval of one request: a load on the link, or a layer's computation, or a wait."""
+
+    request: str
+    op: str  # "load" | "recompute" | "final" | "wait" | "fallback"
+    start: float  # seconds (or units) since the run started
+    end: float
+    layer: int | None = None
+    kind: str | None = None  # loads: "e" | "kv"
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class RequestResult:
+    request: str
+    strategy: str
+    plan: str
+    arrival: float
+    ttft: float
+    token_ids: list[int] = field(default_factory=list)
+    bytes_loaded: int = 0
+    fallback: str | None = None  # "full_prefill" when the transfer failed
+    reason: str | None = None
+    repaired_plan: str | None = None  # the plan actually run after rejected entries
+    rejected: list[str] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
+    first_logits: torch.Tensor | None = None
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("spans", "first_logits")}
+        out["spans"] = [s.to_json() for s in self.spans]
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Unit-cost simulator of the scheduling rules (paper Fig. 13)
+
+
+@dataclass
+class SimJob:
+    name: str
+    n_layers: int
+    plan: object  # anything parse_plan accepts
+    arrival: float = 0.0
+
+
+def simulate(jobs: list[SimJob], strategy: str, load_cost: float = 1.0, compute_cost: float = 1.0,
+             final_cost: float = 0.0) -> list[RequestResult]:
+    """Run the engine's scheduling rules in virtual time: one serial link, one serial compute unit.
+
+    Every item on the link costs ``load_cost`` and every recomputed layer ``compute_cost``; the
+    final prompt pass costs ``final_cost`` per layer and waits on each reused layer's arrival.
+    Streaming strategies let the link run ahead into the next request; the others serve one
+    request at a time (load, then compute), in FIFO order.
+    """
+    strategy = resolve_strategy(strategy)
+    link_free = compute_free = prev_done = 0.0
+    results = []
+    for job in sorted(jobs, key=lambda j: j.arrival):
+        strat, plan = check_request(strategy, job.plan, job.n_layers)
+        spans: list[Span] = []
+        t = max(job.arrival, link_free) if strat in STREAMING else max(job.arrival, link_free, prev_done)
+        arrived: dict[Item, float] = {}
+        for it in transfer_items(strat, plan, job.n_layers):
+            spans.append(Span(job.name, "load", t, t + load_cost, it.layer, it.kind))
+            t += load_cost
+            arrived[it] = t
+        link_free = t
+        c = max(job.arrival, compute_free)
+        if strat not in STREAMING:
+            c = max(c, link_free)
+        for a, b in plan.groups:
+            if a > 0:
+                c = max(c, arrived[Item(a, "e")])
+            for i in range(a, b + 1):
+                spans.append(Span(job.name, "recompute", c, c + compute_cost, i))
+                c += compute_cost
+        for i in range(job.n_layers):
+            w = arrived.get(Item(i, "kv"), c)
+            if w > c:
+                spans.append(Span(job.name, "wait", c, w, i))
+                c = w
+            if final_cost:
+                spans.append(Span(job.name, "final", c, c + final_cost, i))
+            c += final_cost
+        compute_free = prev_done = c
+        nbytes = len(arrived)  # in units: one per item
+        results.append(RequestResult(job.name, strat, plan.name, job.arrival, c - job.arrival,
+                                     bytes_loaded=nbytes, spans=spans))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Real execution: arrivals, the waiting cache, per-layer clocks
+
+
+class Arrivals:
+    """What has reached the receiver for one request: per-item tensors and arrival events.
+
+    A loader (a thread reading the store over a Link, or a torch.distributed receiver) calls
+    ``deliver``/``reject``/``fail``; the compute side calls ``wait``, which blocks until the item is
+    there, raising TransferFailed on failure or timeout and EntryRejected on a checksum mismatch.
+    On CUDA a delivery may carry an event that the consuming stream waits on.
+    """
+
+    def __init__(self, items: list[Item], t0: float):
+        self.items = list(items)
+        self.t0 = t0
+        self._events = {it: threading.Event() for it in self.items}
+        self.tensors: dict[Item, tuple] = {}
+        self.cuda_events: dict[Item, object] = {}
+        self.rejected: dict[Item, str] = {}
+        self.failure: str | None = None
+        self.spans: list[Span] = []
+        self.bytes = 0
+        self.cancelled = threading.Event()  # set by the receiver when it stops consuming
+        self.prefilled = threading.Event()  # set when the request's first token is out...
+        self.prefilled_at = 0.0  # ...at this perf_counter time
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def deliver(self, item: Item, tensors: tuple, start: float, end: float, cuda_event=None, request: str = "") -> None:
+        self.tensors[item] = tensors
+        if cuda_event is not None:
+            self.cuda_events[item] = cuda_event
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        self.spans.append(Span(request, "load", start, end, item.layer, item.kind))
+        self._events[item].set()
+
+    def reject(self, item: Item, reason: str) -> None:
+        self.rejected[item] = reason
+        self._events[item].set()
+
+    def fail(self, reason: str) -> None:
+        self.failure = reason
+        for ev in self._events.values():
+            ev.set()
+
+    def wait(self, item: Item, timeout_s: float) -> tuple:
+        if item not in self._events:
+            raise TransferFailed(f"{item.name} was never scheduled for this request")
+        if not self._events[item].wait(timeout_s):
+            raise TransferFailed(f"timed out after {timeout_s:g} s waiting for {item.name}")
+        if item in self.rejected:
+            raise EntryRejected(item, self.rejected[item])
+        if item not in self.tensors:
+            raise TransferFailed(self.failure or f"{item.name} did not arrive")
+        if item in self.cuda_events:
+            torch.cuda.current_stream().wait_event(self.cuda_events[item])
+        return self.tensors[item]
+
+    def wait_all(self, timeout_s: float) -> None:
+        """Block until every item is delivered, rejected or failed (each wait bounded by the timeout)."""
+        for it in self.items:
+            if not self._events[it].wait(timeout_s):
+                raise TransferFailed(f"timed out after {timeout_s:g} s waiting for {it.name}")
+        if self.failure is not None and len(self.tensors) + len(self.rejected) < len(self.items):
+            raise TransferFailed(self.failure)
+
+
+class ArrivalCache(DynamicCache):
+    """The cache of the final prompt pass: before layer i attends, its context K/V must be there.
+
+    Starts with zero-copy placeholders of the context's length (so positions and masks are right
+    before anything arrived); on a layer's first ``update`` it calls ``fetch(i)`` -- which may
+    block on that layer's arrival -- swaps the arrived K/V in, then appends the suffix K/V.
+    """
+
+    def __init__(self, config, n_tokens: int, fetch: Callable[[int], tuple], dtype, device):
+        from ds_study.pair import shape_of
+
+        super().__init__(config=config)
+        shape = shape_of(config)
+        ph = torch.zeros((), dtype=dtype, device=device).expand(1, shape["num_key_value_heads"], n_tokens,
+                                                                 shape["head_dim"])
+        for layer in self.layers:
+            layer.device, layer.keys, layer.values, layer.is_initialized = device, ph, ph, True
+        self._fetch = fetch
+        self._ready: set[int] = set()
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx not in self._ready:
+            k, v = self._fetch(layer_idx)
+            layer = self.layers[layer_idx]
+            layer.keys, layer.values = k.to(key_states.dtype), v.to(value_states.dtype)
+            self._ready.add(layer_idx)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+class LayerClock:
+    """Forward hooks that time every decoder layer of the current phase, and the first lm_head call
+    (the first token's logits: the end of TTFT). Host clock; on CUDA it measures launch order."""
+
+    def __init__(self, model, request: str, t0: float, spans: list[Span]):
+        self.model, self.request, self.t0, self.spans = model, request, t0, spans
+        self.phase: str | None = None
+        self.first_token_at: float | None = None
+        self._start = 0.0
+        self._handles = []
+
+    def __enter__(self):
+        for i, layer in enumerate(self.model.model.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._pre))
+            self._handles.append(layer.register_forward_hook(self._post(i)))
+        self._handles.append(self.model.lm_head.register_forward_hook(self._head))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        return False
+
+    def _pre(self, module, args):
+        self._start = time.perf_counter() - self.t0
+
+    def _post(self, i):
+        def hook(module, args, out):
+            if self.phase:
+                self.spans.append(Span(self.request, self.phase, self._start, time.perf_counter() - self.t0, i))
+        return hook
+
+    def _head(self, module, args, out):
+        if self.phase == "final" and self.first_token_at is None:
+            if out.is_cuda:  # the logits must exist, not just be queued; decoding syncs right after anyway
+                torch.cuda.synchronize(out.device)
+            self.first_token_at = time.perf_counter() - self.t0
+            self.phase = None  # decoding steps after the first token are not part of the prefill
+
+
+@dataclass
+class Request:
+    """One receiver request: reuse ``sender``'s cached context under ``plan``."""
+
+    name: str
+    model: torch.nn.Module  # the receiver
+    receiver: str  # receiver identity (model_identity)
+    sender: str  # identity of the model whose cached context is reused
+    plan: object  # anything parse_plan accepts; ignored by full_prefill / full_reuse
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+    max_new_tokens: int = 1
+    eos_token_id: int | list | None = None
+    arrival: float = 0.0  # seconds after the run starts
+
+
+@torch.no_grad()
+def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: LayerClock, recomputed: dict):
+    """Recompute the plan's groups (E from ``fetch_e``), then the final pass over all layers, taking
+    reused layers' K/V from ``fetch_kv`` as they arrive, then greedy decoding."""
+    model = req.model
+    own: dict[int, tuple] = {}
+    for a, b in plan.groups:
+        if (a, b) not in recomputed:
+            sender = None if a == 0 else SimpleNamespace(embeds={a: fetch_e(a)})
+            clock.phase = "recompute"
+            recomputed[(a, b)] = recompute_group(model, a, b, req.prefix_ids, sender)
+            clock.phase = None
+        kv = recomputed[(a, b)]
+        own.update({i: (kv.k[i], kv.v[i]) for i in range(a, b + 1)})
+    p = next(model.parameters())
+    cache = ArrivalCache(model.config, len(req.prefix_ids), lambda i: own[i] if i in own else fetch_kv(i),
+                         p.dtype, p.device)
+    clock.phase = "final"
+    out = decode(model, [], req.suffix_ids, req.max_new_tokens, req.eos_token_id, cache=cache)
+    clock.phase = None
+    return out
+
+
+@torch.no_grad()
+def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout_s: float) -> RequestResult:
+    """Serve one request on the calling thread while a loader fills ``arrivals``.
+
+    Non-streaming strategies wait for every item first; streaming ones wait for each E just before
+    its group and for each layer's KV just before the final pass reaches it. A failed or timed-out
+    transfer falls back to the receiver's own full prefill; rejected entries are recomputed under
+    ``repair_plan``. Either is recorded in the result.
+    """
+    t0, n = arrivals.t0, req.model.config.num_hidden_layers
+    spans: list[Span] = []
+    result = RequestResult(req.name, strategy, plan.name, req.arrival, 0.0, spans=spans)
+    recomputed: dict = {}
+
+    def timed_wait(item: Item):
+        start = arrivals.now()
+        got = arrivals.wait(item, timeout_s)
+        if arrivals.now() - start > 1e-4:
+            spans.append(Span(req.name, "wait", start, arrivals.now(), item.layer, item.kind))
+        return got
+
+    fetch_e = lambda a: timed_wait(Item(a, "e"))[0]  # noqa: E731
+    fetch_kv = lambda i: timed_wait(Item(i, "kv"))  # noqa: E731
+    with LayerClock(req.model, req.name, t0, spans) as clock:
+        try:
+            try:
+                if strategy not in STREAMING:
+                    start = arrivals.now()
+                    arrivals.wait_all(timeout_s)
+                    if arrivals.items:
+                        spans.append(Span(req.name, "wait", start, arrivals.now()))
+                    if arrivals.rejected:
+                        raise EntryRejected(next(iter(arrivals.rejected)), "checksum mismatch")
+                out = _prefill_and_decode(req, plan, fetch_e, fetch_kv, clock, recomputed)
+            except EntryRejected:
+                arrivals.wait_all(timeout_s)  # know every rejected entry before replanning
+                bad_kv = [it.layer for it in arrivals.rejected if it.kind == "kv"]
+                bad_e = [it.layer for it in arrivals.rejected if it.kind == "e"]
+                fixed = repair_plan(plan, n, bad_kv, bad_e)
+                result.rejected = sorted(it.name for it in arrivals.rejected)
+                result.repaired_plan = fixed.name
+                clock.phase, clock.first_token_at = None, None
+                out = _prefill_and_decode(req, fixed, fetch_e, fetch_kv, clock, recomputed)
+        except TransferFailed as e:
+            arrivals.cancelled.set()
+            result.fallback, result.reason = "full_prefill", str(e)
+            spans.append(Span(req.name, "fallback", arrivals.now(), arrivals.now()))
+            clock.phase, clock.first_token_at = None, None
+            out = _prefill_and_decode(req, parse_plan("full_prefill", n), None, None, clock, {})
+    arrivals.prefilled_at = t0 + (clock.first_token_at if clock.first_token_at is not None else arrivals.now())
+    arrivals.prefilled.set()
+    result.ttft = (clock.first_token_at if clock.first_token_at is not None else arrivals.now()) - req.arrival
+    result.token_ids, result.first_logits = out.token_ids, out.first_logits
+    result.bytes_loaded = arrivals.bytes
+    result.spans = sorted(arrivals.spans + spans, key=lambda s: (s.start, s.end))
+    return result
+
+
+class StoreLoader(threading.Thread):
+    """The link side of the engine: moves each request's items from the store, FIFO over one Link.
+
+    A streaming request's items start as soon as the link is free (and the request has arrived);
+    a non-streaming request waits until the previous request's prefill is over (Fig. 13 a, b).
+    """
+
+    def __init__(self, store: KVStore, link: Link, jobs: list[tuple[Request, str, Arrivals]], device=None,
+                 stream=None, verify: bool = True):
+        super().__init__(daemon=True, name="ds-store-loader")
+        self.store, self.link, self.jobs, self.device, self.stream = store, link, jobs, device, stream
+        self.verify = verify
+        self.go = threading.Event()  # started ahead, released at t0, so thread start-up is not timed
+
+    def run(self):
+        self.go.wait()
+        if self.stream is not None:  # copies must not overtake work queued before the run
+            self.stream.wait_stream(torch.cuda.default_stream(self.stream.device))
+        prev: Arrivals | None = None
+        for req, strategy, arr in self.jobs:
+            released = arr.t0 + req.arrival  # the request exists from here on; its items are in the store
+            _sleep_until(released)
+            if strategy not in STREAMING and prev is not None:
+                prev.prefilled.wait()
+                released = max(released, prev.prefilled_at)
+            ctx = context_hash(req.prefix_ids)
+            for item in arr.items:
+                if arr.cancelled.is_set():
+                    break
+                keys = [entry_key(req.sender, req.receiver, ctx, item.layer, k) for k in item.entry_kinds()]
+                try:
+                    srcs = [self.store.get(k, verify=False) for k in keys]
+                    want = [self.store.checksum(k) for k in keys]
+                except Exception as e:  # noqa: BLE001 - a broken source fails the request, never hangs it
+                    arr.fail(f"loading {item.name} failed: {type(e).__name__}: {e}")
+                    break
+                # Checksums are taken on the bytes as they go over the link (host memory); other
+                # sources are verified before sending.
+                on_host = all(s.device.type == "cpu" for s in srcs)
+                hashers = [entry_hasher(s) for s in srcs] if self.verify and on_host else None
+                if self.verify and not on_host:
+                    try:
+                        srcs = [self.store.get(k) for k in keys]
+                    except CacheChecksumError as e:
+                        arr.reject(item, str(e))
+                        continue
+                feed = None if hashers is None else (lambda j, seg, hs=hashers: hs[j].update(seg.numpy()))
+                dev = self.device or srcs[0].device
+                if self.stream is None:
+                    dsts = [torch.empty(s.shape, dtype=s.dtype, device=dev) for s in srcs]
+                else:  # written on the side stream, read on the compute stream: tell the allocator both
+                    with torch.cuda.stream(self.stream):
+                        dsts = [torch.empty(s.shape, dtype=s.dtype, device=dev) for s in srcs]
+                    for d in dsts:
+                        d.record_stream(torch.cuda.default_stream(dev))
+                start = self.link.copy(srcs, dsts, self.stream, cancelled=arr.cancelled.is_set, on_segment=feed,
+                                       ready=released)
+                if start is None:
+                    break
+                if hashers is not None and [h.hexdigest() for h in hashers] != want:
+                    arr.reject(item, f"entry {item.name} is corrupt (checksum mismatch); rejected")
+                    continue
+                ev = None
+                if self.stream is not None:
+                    ev = torch.cuda.Event()
+                    ev.record(self.stream)
+                arr.deliver(item, tuple(dsts), start - arr.t0, arr.now(), ev, req.name)  # wire start, arrival
+            prev = arr
+
+
+class Engine:
+    """Serve requests in arrival order with one compute unit (this thread) and one link (a loader thread).
+
+    On CUDA (``device="cuda"``) the loader issues its copies on a side stream from the store's
+    (pinned) host memory and each arrival carries a CUDA event the compute stream waits on.
+    ``verify=False`` skips the in-flight checksum, which on a GPU link would run at hashing speed
+    rather than copy speed.
+    """
+
+    def __init__(self, store: KVStore, link: Link, timeout_s: float = 30.0, device=None, verify: bool = True):
+        self.store, self.link, self.timeout_s, self.verify = store, link, timeout_s, verify
+        self.device = torch.device(device) if device is not None else None
+
+    def run(self, requests: list[Request], strategy: str) -> list[RequestResult]:
+        checked = []
+        for req in requests:  # every request is validated before anything moves
+            check_supported(req.model)
+            n = req.model.config.num_hidden_layers
+            strat, plan = check_request(strategy, req.plan, n)
+            checked.append((req, strat, plan, transfer_items(strat, plan, n)))
+        checked.sort(key=lambda c: c[0].arrival)
+        jobs = [(req, strat, Arrivals(items, 0.0)) for req, strat, _, items in checked]
+        stream = torch.cuda.Stream(self.device) if self.device is not None and self.device.type == "cuda" else None
+        loader = StoreLoader(self.store, self.link, jobs, self.device, stream, self.verify)
+        loader.start()
+        t0 = time.perf_counter()
+        for _, _, arr in jobs:
+            arr.t0 = t0
+        loader.go.set()
+        results = []
+        for (req, strat, plan, _), (_, _, arr) in zip(checked, jobs):
+            _sleep_until(t0 + req.arrival)
+            results.append(execute(req, strat, plan, arr, self.timeout_s))
+        for _, _, arr in jobs:
+            arr.cancelled.set()
+        loader.join(timeout=self.timeout_s)
+        return results
+
+
+def publish(store: KVStore, cache: ContextCache, sender: str, receiver: str) -> list[EntryKey]:
+    """Put a sender's captured context where ``receiver`` looks it up (cross-model unless the same model)."""
+    return store.put_cache(cache, sender, None if sender == receiver else receiver)
+
+
+def sum_ttft(results: list[RequestResult]) -> float:
+    return sum(r.ttft for r in results)

@@ -1,0 +1,242 @@
+"""GPU benchmark of the pipelined engine: a Llama-3-8B-shaped random-weight model, KV in host memory.
+
+    python scripts/bench_gpu_pipeline.py                       # cuda, llama3-8b shape, 4K/8K/16K tokens
+    python scripts/bench_gpu_pipeline.py --device cpu --shape tiny --tokens 128,256   # CPU smoke test
+
+The sender's per-layer KV and the transition E live in pinned host memory (the "remote" store). The
+receiver recomputes the last ``--recompute`` layers from E and reuses the rest, with the engine's
+real path: a loader thread issues host-to-device copies on a side CUDA stream (E first, then KV in
+layer order), each arrival records a CUDA event, and the final prompt pass makes the compute stream
+wait on each layer's event just before it attends to it. A paced link (e.g. 100 Gbit/s) throttles
+the issue of 4 MB chunks: a chunk is copied only once the link could have delivered it.
+
+Printed per context length: full prefill (one pass over the prompt, and the engine's own full
+prefill), (b) load-then-compute and (c) pipelined TTFT per link, the bound max(compute, load) with
+compute = the same request with all items already on the GPU and load = bytes / link rate (the
+measured host-to-device bandwidth for "host"), and the ratios. One JSON object per line on stdout;
+the human-readable table on stderr; everything also in ``--out``. Timings: warm-up then
+``--reps`` measured repetitions, median; on CUDA, synchronized before each start and at the first
+token. Goals (issue "Reference pipelined engine"): at 8K tokens with 4 of 32 layers recomputed,
+pipelined >= 5x faster than full prefill from host memory, >= 3.1x at 100 Gbit/s, within 15% of the bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ds_study.engine import (Arrivals, Engine, KVStore, Link, Request, check_request, context_hash, entry_key,
+                             execute, publish, transfer_items)
+from ds_study.executor import LayerKV, run_layers
+
+SHAPES = {  # Llama-3-8B geometry (reference.md §2) and a tiny one for CPU tests
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, intermediate_size=14336, rope_theta=500000.0),
+    "tiny": dict(vocab_size=512, hidden_size=64, num_hidden_layers=8, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128),
+}
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(shape: str, device, dtype, max_tokens: int):
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(**SHAPES[shape], max_position_embeddings=max_tokens, attn_implementation="sdpa",
+                         tie_word_embeddings=False)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # create the weights in their final dtype, directly on the device
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = tf.LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    return model
+
+
+@torch.no_grad()
+def capture_to_store(model, prefix: list[int], e_layer: int, store: KVStore, sid: str, rid: str, device) -> None:
+    """The sender's prefill, one layer at a time: K/V of every layer and E at ``e_layer`` go to host memory."""
+    from ds_study.caches import ContextCache
+
+    ids = torch.tensor([prefix], device=device)
+    pos = torch.arange(len(prefix), device=device).unsqueeze(0)
+    hidden, n = model.model.embed_tokens(ids), model.config.num_hidden_layers
+    keys, values, embeds = [], [], [None] * n
+    for i in range(n):
+        if i == e_layer:
+            embeds[i] = hidden.cpu()
+        kv = LayerKV()
+        hidden = run_layers(model, hidden, pos, i, i + 1, kv)
+        keys.append(kv.k[i].cpu())
+        values.append(kv.v[i].cpu())
+    cache = ContextCache(keys, values, None, {}, list(prefix))
+    publish(store, cache, sid, rid)
+    store.put(entry_key(sid, rid, context_hash(prefix), e_layer, "e"), embeds[e_layer])
+
+
+def timed(fn, reps: int, device) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def h2d_bandwidth(device, nbytes: int, reps: int) -> float | None:
+    """Pinned host -> device copy bandwidth in bytes/s (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    ts = timed(lambda: dst.copy_(src, non_blocking=True), reps, device)
+    return nbytes / statistics.median(ts)
+
+
+def measured(fn, reps: int) -> float:
+    """Median of ``reps`` calls after one warm-up call (each call times itself)."""
+    return statistics.median([fn() for _ in range(reps + 1)][1:])
+
+
+def bench_context(model, prefix: list[int], suffix: list[int], plan: str, args, device, h2d) -> list[dict]:
+    """Every measurement at one context length; returns one record per link."""
+    n, T = model.config.num_hidden_layers, len(prefix)
+    a = int(plan.split("-")[0])
+    store = KVStore(pin_memory=device.type == "cuda")
+    capture_to_store(model, prefix, a, store, "sender", "receiver", device)
+
+    def req():
+        return Request("r", model, "receiver", "sender", plan, prefix, suffix, 1)
+
+    def engine_run(strategy: str, link: Link):
+        (res,) = Engine(store, link, timeout_s=300, device=device, verify=False).run([req()], strategy)
+        assert res.fallback is None, res.reason
+        return res
+
+    @torch.no_grad()
+    def one_pass() -> int:
+        h = model.model(input_ids=torch.tensor([prefix + suffix], device=device)).last_hidden_state
+        return int(model.lm_head(h[:, -1]).argmax())
+
+    # The bound's compute part: the same request with every item already on the device.
+    strat, pl = check_request("pipelined", plan, n)
+    items = transfer_items(strat, pl, n)
+    ctx = context_hash(prefix)
+    on_dev = {it: tuple(store.get(entry_key("sender", "receiver", ctx, it.layer, k), verify=False).to(device)
+                        for k in it.entry_kinds()) for it in items}
+    nbytes = sum(t.numel() * t.element_size() for ts in on_dev.values() for t in ts)
+
+    def compute_only() -> float:
+        arr = Arrivals(items, 0.0)
+        for it in items:
+            arr.deliver(it, on_dev[it], 0, 0)
+        sync(device)
+        arr.t0 = time.perf_counter()
+        return execute(req(), strat, pl, arr, 300).ttft
+
+    one = statistics.median(timed(one_pass, args.reps, device))
+    full = measured(lambda: engine_run("full_prefill", Link()).ttft, args.reps)
+    comp = measured(compute_only, args.reps)
+    ref_tok = one_pass()
+    on_dev.clear()
+    records = []
+    for spec in args.links.split(","):
+        if spec == "host":
+            link, rate = Link(None, 0.0, 1 << 40), h2d  # unpaced: whole tensors, as fast as the copy engine
+        else:
+            link = Link(float(spec), 0.0, int(args.chunk_mb * (1 << 20)))
+            rate = min(link.bytes_per_s, h2d) if h2d else link.bytes_per_s
+        load = nbytes / rate if rate else 0.0
+        pipe = measured(lambda: engine_run("pipelined", link).ttft, args.reps)  # noqa: B023 - called right here
+        serial = measured(lambda: engine_run("send_reused", link).ttft, args.reps)  # noqa: B023
+        tokens_c = engine_run("pipelined", link).token_ids
+        base, bound = min(one, full), max(comp, load)
+        rec = {"bench": "gpu_pipeline", "event": "result", "tokens": T, "plan": plan, "link": spec,
+               "full_prefill_one_pass_ms": 1e3 * one, "full_prefill_engine_ms": 1e3 * full,
+               "compute_only_ms": 1e3 * comp, "load_ms": 1e3 * load, "bytes_sent": nbytes,
+               "bound_ms": 1e3 * bound, "pipelined_ms": 1e3 * pipe, "send_reused_ms": 1e3 * serial,
+               "speedup_vs_full_prefill": base / pipe, "pipelined_over_bound": pipe / bound,
+               "pipelined_equals_load_then_compute": tokens_c == engine_run("send_reused", link).token_ids,
+               "first_token_equals_one_pass": tokens_c[:1] == [ref_tok], "reps": args.reps}
+        emit(rec)
+        records.append(rec)
+        log(f"# T={T:>6} link={spec:>5}  full {1e3 * one:8.1f} / {1e3 * full:8.1f} ms  (b) {1e3 * serial:8.1f}  "
+            f"(c) {1e3 * pipe:8.1f} ms  bound {1e3 * bound:8.1f} (compute {1e3 * comp:.1f}, load {1e3 * load:.1f})  "
+            f"speedup {base / pipe:5.2f}x  c/bound {pipe / bound:5.3f}  "
+            f"same tokens {rec['pipelined_equals_load_then_compute']}")
+    return records
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--tokens", default="4096,8192,16384")
+    p.add_argument("--suffix", type=int, default=32, help="prompt tokens after the shared context")
+    p.add_argument("--recompute", type=int, default=4, help="recompute the last N layers")
+    p.add_argument("--links", default="host,100", help="'host' (unpaced) and/or Gbit/s values")
+    p.add_argument("--chunk-mb", type=float, default=4.0, help="chunk size of paced links")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--h2d-mb", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="results/engine/gpu_pipeline.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("CUDA is not available; run with --device cpu --shape tiny for the CPU smoke test")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    t_start = time.perf_counter()
+    model = build_model(args.shape, device, dtype, max(tokens) + args.suffix + 8)
+    n = model.config.num_hidden_layers
+    plan = f"{n - args.recompute}-{n - 1}"
+    cmd = sys.argv if argv is None else ["scripts/bench_gpu_pipeline.py", *argv]
+    env = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+           "torch": torch.__version__, "cuda": torch.version.cuda, "shape": args.shape, "dtype": str(dtype),
+           "python": platform.python_version(), "command": "python " + " ".join(cmd)}
+    h2d = h2d_bandwidth(device, args.h2d_mb << 20, args.reps)
+    env["h2d_gbytes_per_s"] = h2d / 1e9 if h2d else None
+    emit({"bench": "gpu_pipeline", "event": "env", **env})
+    log(f"# {env['gpu'] or 'CPU'}  {args.shape} {dtype}  recompute layers {plan} of {n}  "
+        f"pinned H2D {env['h2d_gbytes_per_s'] or float('nan'):.1f} GB/s")
+    records = []
+    g = torch.Generator().manual_seed(0)
+    for T in tokens:
+        ids = torch.randint(10, model.config.vocab_size, (T + args.suffix,), generator=g).tolist()
+        records += bench_context(model, ids[:T], ids[T:], plan, args, device, h2d)
+    out = {"environment": env, "results": records, "wall_s": time.perf_counter() - t_start}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        log(f"# wrote {args.out} in {out['wall_s']:.0f} s")
+    return out
+
+
+if __name__ == "__main__":
+    main()

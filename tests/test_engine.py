@@ -1,0 +1,295 @@
+"""The engine: store namespaces and checksums, the paced link, strategy rules (Fig. 13), and that every
+strategy computes exactly what the non-pipelined partial prefill computes. No timing assertions."""
+
+import threading
+
+import pytest
+import torch
+
+from ds_study.caches import CacheChecksumError, tensors_sha256
+from ds_study.engine import (Arrivals, Engine, EngineError, EntryKey, Item, KVStore, Link, Request, SimJob,
+                             StoreMiss, check_request, context_hash, entry_hasher, entry_key, execute, publish,
+                             repair_plan, simulate, sum_ttft, transfer_items)
+from ds_study.executor import PlanError, capture, decode, parse_plan, partial_prefill
+from test_executor import prompt, tiny_model
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------- Fig. 13
+
+
+def fig13_jobs():
+    # A recomputes L4-L10 (0-based 3-9) and reuses L1-L3; B recomputes L1-L3 and reuses L4-L10.
+    return [SimJob("A", 10, "3-9", arrival=0), SimJob("B", 10, "0-2", arrival=2)]
+
+
+@pytest.mark.parametrize("strategy,total,per_request", [
+    ("send_all", 47, {"A": 18, "B": 29}),
+    ("send_reused", 30, {"A": 11, "B": 19}),
+    ("pipelined", 17, {"A": 8, "B": 9}),
+])
+def test_fig13_unit_cost_timeline(strategy, total, per_request):
+    results = simulate(fig13_jobs(), strategy)
+    assert sum_ttft(results) == total
+    assert {r.request: r.ttft for r in results} == per_request
+
+
+def test_fig13_spans_follow_the_paper():
+    a, b = simulate(fig13_jobs(), "c")
+    loads_a = [(s.start, s.end, s.kind, s.layer) for s in a.spans if s.op == "load"]
+    assert loads_a[0] == (0, 1, "e", 3)  # E first
+    assert [s[:2] for s in loads_a[1:]] == [(1, 2), (2, 3), (3, 4)]
+    assert [s.start for s in a.spans if s.op == "recompute"] == list(range(1, 8))
+    loads_b = [s for s in b.spans if s.op == "load"]
+    assert loads_b[0].start == 4 and loads_b[-1].end == 11  # B's KV streams during A's recompute
+    assert all(s.kind == "kv" for s in loads_b)  # B recomputes from layer 0: no E
+    assert [s.start for s in b.spans if s.op == "recompute"] == [8, 9, 10]
+
+
+def test_transfer_items_per_strategy():
+    plan = parse_plan("3-9", 10)
+    assert transfer_items("a", plan, 10) == [Item(3, "e")] + [Item(i, "kv") for i in range(10)]
+    assert transfer_items("b", plan, 10) == [Item(3, "e"), Item(0, "kv"), Item(1, "kv"), Item(2, "kv")]
+    assert transfer_items("c", plan, 10) == transfer_items("b", plan, 10)
+    assert transfer_items("full_prefill", plan, 10) == []
+    assert len(transfer_items("full_reuse", parse_plan("full_reuse", 10), 10)) == 10
+
+
+def test_bad_strategy_or_plan_is_refused_before_any_work():
+    with pytest.raises(EngineError, match="unknown strategy 'd'"):
+        check_request("d", "0-1", 4)
+    with pytest.raises(PlanError, match="outside layers 0..3"):
+        check_request("pipelined", "2-4", 4)
+    with pytest.raises(PlanError, match="overlap"):
+        check_request("pipelined", [[0, 2], [2, 3]], 4)
+    with pytest.raises(PlanError, match="recompute-group"):
+        check_request("pipelined", "cacheblend@0.2", 4)
+    # A plan object built for a deeper model is re-checked against this one.
+    with pytest.raises(PlanError, match="outside"):
+        check_request("b", parse_plan("6-7", 8), 4)
+
+    class CountingStore(KVStore):
+        gets = 0
+
+        def get(self, key, verify=True):
+            CountingStore.gets += 1
+            return super().get(key, verify)
+
+    model = tiny_model("llama")
+    prefix, suffix = prompt()
+    good = Request("ok", model, "r", "s", "0-1", prefix, suffix)
+    bad = Request("bad", model, "r", "s", "1-9", prefix, suffix)
+    with pytest.raises(PlanError):
+        Engine(CountingStore(), Link()).run([good, bad], "pipelined")
+    with pytest.raises(EngineError):
+        Engine(CountingStore(), Link()).run([good], "fastest")
+    assert CountingStore.gets == 0
+
+
+def test_repair_plan():
+    assert repair_plan(parse_plan("4-5", 8), 8, bad_kv=[6]).groups == ((4, 6),)
+    assert repair_plan(parse_plan("4-5", 8), 8, bad_kv=[2]).groups == ((0, 2), (4, 5))
+    assert repair_plan(parse_plan("4-5", 8), 8, bad_e=[4]).groups == ((0, 5),)
+    assert repair_plan(parse_plan("1-2,5-6", 8), 8, bad_e=[5]).groups == ((1, 6),)
+    assert repair_plan(parse_plan("full_reuse", 8), 8, bad_kv=[0]).groups == ((0, 0),)
+
+
+# ---------------------------------------------------------------------------- store and link
+
+
+def test_store_namespaces_never_mix(tmp_path):
+    store = KVStore(tmp_path)
+    t = torch.arange(12.0).view(1, 1, 3, 4)
+    store.put(EntryKey("sender@1", "ctx", 0, "k", receiver="recv@2"), t)
+    # The cross-model entry is not an exact hit for either model...
+    with pytest.raises(StoreMiss):
+        store.lookup_exact("sender@1", "ctx", 0, "k")
+    with pytest.raises(StoreMiss):
+        store.lookup_exact("recv@2", "ctx", 0, "k")
+    # ...only for the pair it was made for.
+    assert torch.equal(store.lookup_cross("sender@1", "recv@2", "ctx", 0, "k"), t)
+    with pytest.raises(StoreMiss):
+        store.lookup_cross("sender@1", "other@3", "ctx", 0, "k")
+    with pytest.raises(ValueError, match="two different models"):
+        EntryKey("m", "ctx", 0, "k", receiver="m")
+    assert entry_key("m", "m", "ctx", 0, "k").namespace == "exact"
+    assert entry_key("s", "r", "ctx", 0, "k").namespace == "cross"
+    # Persisted: a fresh store over the same directory finds it, verified.
+    assert torch.equal(KVStore(tmp_path).lookup_cross("sender@1", "recv@2", "ctx", 0, "k"), t)
+
+
+def test_store_rejects_corrupt_entries(tmp_path):
+    store = KVStore(tmp_path)
+    key = EntryKey("m", "ctx", 1, "v")
+    store.put(key, torch.randn(1, 2, 5, 4))
+    store.get(key, verify=False).add_(1.0)  # corrupted in memory
+    with pytest.raises(CacheChecksumError, match="corrupt"):
+        store.get(key)
+    path = tmp_path / key.relpath()
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF  # corrupted on disk
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CacheChecksumError):
+        KVStore(tmp_path).get(key)
+
+
+def test_link_copies_in_paced_chunks():
+    link = Link(gbps=8e-3, chunk_bytes=100)  # 1 MB/s: 100 B per 0.1 ms
+    assert link.seconds(1000) == pytest.approx(1e-3)
+    assert list(Link(chunk_bytes=100).chunks(250)) == [(0, 100), (100, 200), (200, 250)]
+    srcs = [torch.randn(37), torch.randn(3, 11)]  # chunks straddle the tensor boundary
+    dsts = [torch.empty_like(s) for s in srcs]
+    assert link.copy(srcs, dsts)
+    assert all(torch.equal(s, d) for s, d in zip(srcs, dsts))
+    with pytest.raises(ValueError):
+        Link(gbps=0)
+    # The checksum taken chunk by chunk while copying equals the store's checksum of the entry.
+    t = torch.randn(2, 3, 50)
+    h = entry_hasher(t)
+    Link(chunk_bytes=64).copy([t], [torch.empty_like(t)], on_segment=lambda j, seg: h.update(seg.numpy()))
+    assert h.hexdigest() == tensors_sha256({"t": t})
+
+
+# ---------------------------------------------------------------------------- real execution
+
+
+def setup(arch="llama", seed=1, n_prefix=40):
+    receiver, sender = tiny_model(arch, 0), tiny_model(arch, 1)
+    prefix, suffix = prompt(n_prefix=n_prefix, seed=seed)
+    sc = capture(sender, prefix)
+    store = KVStore()
+    publish(store, sc, "s", "r")
+    return receiver, sender, sc, store, prefix, suffix
+
+
+def reference_tokens(receiver, plan, prefix, suffix, sc, n=6):
+    out = decode(receiver, partial_prefill(receiver, plan, prefix, sc), suffix, n)
+    return out.token_ids, out.first_logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+@pytest.mark.parametrize("plan", ["2-3", "1-2", "0-1", "0-0,2-2"])
+def test_every_strategy_equals_partial_prefill(arch, plan):
+    receiver, _, sc, store, prefix, suffix = setup(arch)
+    ref_tokens, ref_logits = reference_tokens(receiver, parse_plan(plan, 4), prefix, suffix, sc)
+    for strategy in ("send_all", "send_reused", "pipelined"):
+        req = Request("r0", receiver, "r", "s", plan, prefix, suffix, max_new_tokens=6)
+        (res,) = Engine(store, Link(gbps=0.05, chunk_bytes=1024)).run([req], strategy)
+        assert res.token_ids == ref_tokens, strategy
+        assert torch.allclose(res.first_logits, ref_logits, atol=1e-5, rtol=0), strategy
+        assert res.fallback is None and res.rejected == []
+        sent = transfer_items(strategy, parse_plan(plan, 4), 4)
+        assert res.bytes_loaded == sum(sum(store.nbytes(entry_key("s", "r", context_hash(prefix), it.layer, k))
+                                           for k in it.entry_kinds()) for it in sent)
+
+
+def test_full_prefill_and_full_reuse_strategies():
+    receiver, sender, sc, store, prefix, suffix = setup()
+    own = capture(receiver, prefix)
+    for strategy, plan, cache in (("full_prefill", "full_prefill", None), ("full_reuse", "full_reuse", sc)):
+        ref, _ = reference_tokens(receiver, parse_plan(plan, 4), prefix, suffix, cache)
+        req = Request("q", receiver, "r", "s", None, prefix, suffix, max_new_tokens=6)
+        (res,) = Engine(store, Link(gbps=0.1)).run([req], strategy)
+        assert res.token_ids == ref and res.plan == plan
+    assert res.bytes_loaded == sum(own.nbytes(k, i) for i in range(4) for k in "kv")
+
+
+def test_spans_record_every_layer_and_respect_causality():
+    receiver, _, sc, store, prefix, suffix = setup(n_prefix=64)
+    req = Request("A", receiver, "r", "s", "2-3", prefix, suffix, max_new_tokens=3)
+    (res,) = Engine(store, Link(gbps=0.02, chunk_bytes=2048)).run([req], "pipelined")
+    loads = {(s.layer, s.kind): s for s in res.spans if s.op == "load"}
+    assert set(loads) == {(2, "e"), (0, "kv"), (1, "kv")}
+    # E goes first: it starts on the wire first and arrives first (a load span runs from the item's
+    # start on the wire to its arrival at the receiver).
+    assert loads[(2, "e")].start < loads[(0, "kv")].start and loads[(2, "e")].end <= loads[(0, "kv")].end
+    rec = [s for s in res.spans if s.op == "recompute"]
+    final = {s.layer: s for s in res.spans if s.op == "final"}
+    assert [s.layer for s in rec] == [2, 3] and sorted(final) == [0, 1, 2, 3]
+    assert rec[0].start >= loads[(2, "e")].end  # the group starts from the arrived E
+    for i in (0, 1):  # the final pass reads a reused layer only after it arrived
+        assert final[i].end >= loads[(i, "kv")].end
+    assert res.ttft >= max(s.end for s in res.spans if s.op == "final") - req.arrival
+    js = res.to_json()
+    assert js["spans"] and "first_logits" not in js
+
+
+def test_two_requests_share_the_link_in_fifo_order():
+    receiver, sender, sc, store, prefix, suffix = setup(n_prefix=64)
+    other = tiny_model("llama", 2)
+    publish(store, sc, "s", "r2")
+    reqs = [Request("A", receiver, "r", "s", "1-3", prefix, suffix),
+            Request("B", other, "r2", "s", "0-0", prefix, suffix, arrival=0.005)]
+    for strategy in ("a", "b", "c"):
+        res = Engine(store, Link(gbps=0.05, chunk_bytes=4096)).run(reqs, strategy)
+        assert [r.request for r in res] == ["A", "B"]
+        a_loads = [s for s in res[0].spans if s.op == "load"]
+        b_loads = [s for s in res[1].spans if s.op == "load"]
+        assert max(s.start for s in a_loads) < min(s.start for s in b_loads)  # one serial link, FIFO
+        if strategy != "c":  # (a), (b): B's loads wait for A's prefill
+            a_first = res[0].ttft + res[0].arrival
+            assert min(s.start for s in b_loads) >= a_first - 1e-3
+
+
+def test_corrupt_entry_is_rejected_and_recomputed():
+    receiver, _, sc, store, prefix, suffix = setup()
+    ctx = context_hash(prefix)
+    ref, _ = reference_tokens(receiver, parse_plan("0-1,3-3", 4), prefix, suffix, sc)
+    for strategy in ("send_reused", "pipelined"):
+        publish(store, sc, "s", "r")  # a clean copy, then corrupt reused layer 1's K in the store
+        store.get(entry_key("s", "r", ctx, 1, "k"), verify=False).mul_(2)
+        req = Request("x", receiver, "r", "s", "3-3", prefix, suffix, max_new_tokens=6)
+        (res,) = Engine(store, Link()).run([req], strategy)
+        assert res.rejected == ["KV1"] and res.repaired_plan == "repair:0-1,3-3"
+        assert res.token_ids == ref and res.fallback is None
+
+
+def test_missing_entries_fall_back_to_full_prefill():
+    receiver, _, sc, store, prefix, suffix = setup()
+    ref, _ = reference_tokens(receiver, parse_plan("full_prefill", 4), prefix, suffix, None)
+    req = Request("x", receiver, "r", "someone-else", "2-3", prefix, suffix, max_new_tokens=6)
+    (res,) = Engine(store, Link()).run([req], "pipelined")
+    assert res.fallback == "full_prefill" and "StoreMiss" in res.reason
+    assert res.token_ids == ref
+
+
+def test_stalled_transfer_times_out_and_falls_back():
+    receiver, _, sc, store, prefix, suffix = setup()
+    ref, _ = reference_tokens(receiver, parse_plan("full_prefill", 4), prefix, suffix, None)
+    strategy, plan = check_request("pipelined", "2-3", 4)
+    arr = Arrivals(transfer_items(strategy, plan, 4), __import__("time").perf_counter())
+    # Deliver E only; the KV never comes (a sender that hangs).
+    arr.deliver(Item(2, "e"), (sc.embeds[2],), 0.0, 0.0)
+    req = Request("x", receiver, "r", "s", plan, prefix, suffix, max_new_tokens=6)
+    done = {}
+    t = threading.Thread(target=lambda: done.setdefault("r", execute(req, strategy, plan, arr, timeout_s=0.2)))
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive()
+    res = done["r"]
+    assert res.fallback == "full_prefill" and "timed out" in res.reason and res.token_ids == ref
+    assert any(s.op == "fallback" for s in res.spans)
+
+
+# ---------------------------------------------------------------------------- GPU benchmark, CPU smoke test
+
+
+def test_gpu_benchmark_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, "scripts/bench_gpu_pipeline.py", "--device", "cpu", "--shape", "tiny", "--tokens", "64",
+           "--links", "host,0.05", "--reps", "1", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines[0]["event"] == "env" and [r["link"] for r in lines[1:]] == ["host", "0.05"]
+    for r in lines[1:]:
+        assert r["plan"] == "4-7" and r["pipelined_equals_load_then_compute"]
+        assert r["bound_ms"] == max(r["compute_only_ms"], r["load_ms"]) and r["pipelined_ms"] > 0
+    assert json.loads(out.read_text())["results"] == lines[1:]
