@@ -253,24 +253,60 @@ def capture(model, token_ids: list[int], with_embeds: bool = True, model_id: dic
 # Partial prefill and decoding
 
 
+def group_input(model, a: int, token_ids: list[int], sender: ContextCache | None) -> torch.Tensor:
+    """What a recompute group starting at layer ``a`` reads: the sender's E_a, or own embeddings if a == 0."""
+    device = next(model.parameters()).device
+    if a == 0:
+        return model.model.embed_tokens(torch.tensor([token_ids], device=device))
+    if sender is None or sender.embeds is None:
+        raise PlanError(f"a recompute group starting at layer {a} needs the sender's E at layer {a}, "
+                        f"which was not captured")
+    return sender.embeds[a].to(device)
+
+
 @torch.no_grad()
 def recompute_group(model, a: int, b: int, token_ids: list[int], sender: ContextCache | None) -> LayerKV:
     """Receiver layers a..b over the whole context, from the sender's E_a (own embeddings if a == 0)."""
     device = next(model.parameters()).device
-    if a == 0:
-        hidden = model.model.embed_tokens(torch.tensor([token_ids], device=device))
-    else:
-        if sender is None or sender.embeds is None:
-            raise PlanError(f"recompute group [{a}, {b}] needs the sender's E at layer {a}, which was not captured")
-        hidden = sender.embeds[a].to(device)
     kv = LayerKV()
-    run_layers(model, hidden, _positions(len(token_ids), device), a, b + 1, kv)
+    run_layers(model, group_input(model, a, token_ids, sender), _positions(len(token_ids), device), a, b + 1, kv)
     return kv
 
 
+class GroupMemo:
+    """Recomputed layers of one context from one start layer, extended on demand and shared across plans.
+
+    Groups [a, b] and [a, b'] run the same layers a..min(b, b') on the same input, so profiling every
+    group (O(L) ends per start) need not redo them: keeping the running hidden state of the latest
+    start turns O(L^3) layer passes per context into O(L^2). Running layers in two calls instead of
+    one performs the same operations, so the K/V are bit-identical. Only the latest start is kept,
+    which bounds memory at one full-depth KV; enumerate groups start-major to benefit.
+    """
+
+    def __init__(self, model, token_ids: list[int], sender: ContextCache | None):
+        self.model, self.token_ids, self.sender = model, token_ids, sender
+        self.start: int | None = None
+        self.hidden, self.next_layer, self.kv = None, 0, LayerKV()
+
+    @torch.no_grad()
+    def group(self, a: int, b: int) -> LayerKV:
+        if self.start != a:
+            self.start, self.next_layer, self.kv = a, a, LayerKV()
+            self.hidden = group_input(self.model, a, self.token_ids, self.sender)
+        if self.next_layer <= b:
+            pos = _positions(len(self.token_ids), self.hidden.device)
+            self.hidden = run_layers(self.model, self.hidden, pos, self.next_layer, b + 1, self.kv)
+            self.next_layer = b + 1
+        return self.kv
+
+
 @torch.no_grad()
-def partial_prefill(model, plan: Plan, token_ids: list[int], sender: ContextCache | None) -> list[tuple]:
-    """Per-layer (K, V) of the shared context under ``plan``: reused from ``sender`` or recomputed."""
+def partial_prefill(model, plan: Plan, token_ids: list[int], sender: ContextCache | None,
+                    memo: GroupMemo | None = None) -> list[tuple]:
+    """Per-layer (K, V) of the shared context under ``plan``: reused from ``sender`` or recomputed.
+
+    ``memo`` (a GroupMemo of the same model, context and sender) shares recomputed layers across plans.
+    """
     check_supported(model)
     n = model.config.num_hidden_layers
     if plan.kind == "cacheblend":
@@ -286,7 +322,7 @@ def partial_prefill(model, plan: Plan, token_ids: list[int], sender: ContextCach
         raise PlanError("the sender cache was captured for a different context")
     layers: list = [None] * n
     for a, b in plan.groups:
-        kv = recompute_group(model, a, b, token_ids, sender)
+        kv = memo.group(a, b) if memo is not None else recompute_group(model, a, b, token_ids, sender)
         for i in range(a, b + 1):
             layers[i] = (kv.k[i], kv.v[i])
     for i in range(n):
@@ -373,12 +409,13 @@ def decode(model, layers: list[tuple], suffix_ids: list[int], max_new_tokens: in
 
 @torch.no_grad()
 def run_plan(receiver, sender_model, plan: Plan, prefix_ids: list[int], suffix_ids: list[int],
-             max_new_tokens: int, eos_token_id=None, sender_cache: ContextCache | None = None) -> Decoded:
+             max_new_tokens: int, eos_token_id=None, sender_cache: ContextCache | None = None,
+             memo: GroupMemo | None = None) -> Decoded:
     """Execute one plan end to end. ``sender`` decodes with the sender model on its own cache."""
     if plan.kind == "sender":
         if sender_cache is None:
             sender_cache = capture(sender_model, prefix_ids, with_embeds=False)
         layers = list(zip(sender_cache.keys, sender_cache.values))
         return decode(sender_model, layers, suffix_ids, max_new_tokens, eos_token_id)
-    layers = partial_prefill(receiver, plan, prefix_ids, sender_cache)
+    layers = partial_prefill(receiver, plan, prefix_ids, sender_cache, memo)
     return decode(receiver, layers, suffix_ids, max_new_tokens, eos_token_id)

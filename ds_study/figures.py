@@ -38,3 +38,235 @@ def plot_deviation(csv_path: Path, out: Path, title: str = "", formats=("png",))
     ax2.set_ylabel("attention-output cosine\n(own KV vs sender KV)")
     ax2.set_xlabel("layer")
     return save(fig, out, formats)
+
+
+# --------------------------------------------------------------------------------------------
+# Paper figures from results/study and results/search (python -m ds_study.figures)
+
+
+def _json(p: Path) -> dict:
+    import json
+
+    return json.loads(Path(p).read_text())
+
+
+def _pair_title(meta: dict) -> str:
+    return f"{meta['pair']}: {Path(str(meta.get('sender', '?'))).name} \u2192 {Path(str(meta.get('receiver', '?'))).name}"
+
+
+def _grid(n: int, width: float = 4.2, height: float = 3.2):
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def fig_quality(files: list[Path], out: Path, formats) -> list[Path]:
+    """Fig. 6: receiver alone / receiver with the sender's whole cache / sender alone, per pair x dataset."""
+    by_pair: dict[str, list[dict]] = {}
+    for f in files:
+        m = _json(f)
+        by_pair.setdefault(m["pair"], []).append(m)
+    fig, axes = _grid(len(by_pair))
+    names = {"full_prefill": "receiver (full prefill)", "full_reuse": "receiver, full reuse", "sender": "sender"}
+    for ax, (pair, ms) in zip(axes, sorted(by_pair.items())):
+        ms.sort(key=lambda m: m["dataset"])
+        for j, plan in enumerate(names):
+            xs = [i + (j - 1) * 0.27 for i in range(len(ms))]
+            ax.bar(xs, [m["scores"].get(plan, float("nan")) for m in ms], 0.27, label=names[plan], color=f"C{j}")
+        ax.set_xticks(range(len(ms)), [f"{m['dataset']}\n({m['metric_label']})" for m in ms])
+        ax.set_title(_pair_title(ms[0]), fontsize=9)
+        ax.set_ylabel("quality")
+    axes[0].legend(fontsize=7)
+    return save(fig, out, formats)
+
+
+def fig_sensitivity(files: list[Path], out: Path, formats) -> list[Path]:
+    """Fig. 7: quality when the receiver reuses the sender's KV at one layer only; critical layers in red."""
+    fig, axes = _grid(len(files))
+    for ax, f in zip(axes, files):
+        m = _json(f)
+        s, crit = m["layer_scores"], set(m["critical_layers"])
+        ax.bar(range(len(s)), s, color=["C3" if i in crit else "C7" for i in range(len(s))])
+        ax.axhline(m["full_prefill"], ls="--", color="k", lw=1, label="receiver (full prefill)")
+        from ds_study.search import threshold
+
+        ax.axhline(threshold(m["full_prefill"], m["critical_threshold"], m["critical_mode"]), ls=":", color="C3",
+                   lw=1, label=f"critical: > {m['critical_threshold']:g} {m['critical_mode']} drop")
+        ax.set_title(f"{_pair_title(m)} ({m['dataset']})", fontsize=9)
+        ax.set_xlabel("layer whose KV is reused")
+        ax.set_ylabel(m["metric_label"])
+    axes[0].legend(fontsize=7)
+    return save(fig, out, formats)
+
+
+def fig_spread(files: list[Path], out: Path, formats) -> list[Path]:
+    """Fig. 8: per-input quality change of each single-layer reuse, violins with 25th/75th percentiles."""
+    import pandas as pd
+
+    fig, axes = _grid(len(files), width=5)
+    for ax, f in zip(axes, files):
+        m = _json(f.with_name("sensitivity.json"))
+        df = pd.read_csv(f)
+        layers = sorted(df.layer.unique())
+        data = [df[df.layer == i].change.values for i in layers]
+        parts = ax.violinplot(data, positions=layers, showextrema=False, widths=0.8)
+        for body, i in zip(parts["bodies"], layers):
+            body.set_facecolor("C3" if i in m["critical_layers"] else "C0")
+        q = df.groupby("layer").change.quantile([0.25, 0.5, 0.75]).unstack()
+        ax.vlines(layers, q[0.25], q[0.75], color="k", lw=3)
+        ax.scatter(layers, q[0.5], color="w", s=8, zorder=3)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_title(f"{_pair_title(m)} ({m['dataset']})", fontsize=9)
+        ax.set_xlabel("layer whose KV is reused")
+        ax.set_ylabel(f"per-input {m['metric_label']} change (points)")
+    return save(fig, out, formats)
+
+
+def fig_propagation(files: list[Path], out: Path, formats) -> list[Path]:
+    """Fig. 10: output error and quality, critical layers as separate groups vs one contiguous group."""
+    import pandas as pd
+
+    fig, axes = _grid(len(files), width=5)
+    for ax, f in zip(axes, files):
+        m = _json(f.with_name("propagation.json"))
+        df = pd.read_csv(f)
+        x = range(len(df))
+        ax.bar(x, df.out_err_mean, color="C1", yerr=[df.out_err_mean - df.out_err_p25, df.out_err_p75 - df.out_err_mean],
+               capsize=3, label="output error (mean, p25-p75)")
+        ax.set_xticks(list(x), [f"{g}\n{t} trans." for g, t in zip(df.groups, df.transitions)], fontsize=7)
+        ax.set_ylabel("relative L2 of final hidden states")
+        ax2 = ax.twinx()
+        ax2.plot(list(x), df.score, "o-", color="C0", label=m["metric_label"])
+        ax2.axhline(m["full_prefill"], ls="--", color="C0", lw=1)
+        ax2.set_ylabel(m["metric_label"], color="C0")
+        ax.set_title(f"{_pair_title(m)} ({m['dataset']}): layers {m['layers']}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper center")
+    return save(fig, out, formats)
+
+
+def fig_profile(files: list[Path], out: Path, formats) -> list[Path]:
+    """Fig. 11: every profiled group (quality vs recomputed layers), the frontier, the greedy walk and
+    the selected plans."""
+    import pandas as pd
+
+    fig, axes = _grid(len(files), width=4.6)
+    for ax, f in zip(axes, files):
+        m = _json(f)
+        g = min(int(k) for k in m["exhaustive"])
+        pts = pd.read_csv(f.with_name(f"points_g{g}.csv"))
+        ax.scatter(pts.k, pts.score, s=12, color="C7", label=f"groups (g={g})")
+        front = pd.DataFrame(m["exhaustive"][str(g)]["frontier"]).dropna(subset=["score"])
+        ax.plot(front.k, front.score, "-", color="C0", label="frontier")
+        if (f.with_name("greedy.csv")).exists():
+            gr = pd.read_csv(f.with_name("greedy.csv"))
+            ax.scatter(gr.k, gr.score, marker="x", color="C1", s=30,
+                       label=f"greedy ({m['greedy']['evaluations']} evals)")
+        ax.axhline(m["base"], ls="--", color="k", lw=1, label="full prefill")
+        for s, c in zip(m["exhaustive"][str(g)]["selected"], ("C3", "C2", "C4")):
+            if s["plan"]:
+                ax.scatter([s["k"]], [s["score"]], s=90, facecolors="none", edgecolors=c,
+                           label=f"selected, delta {s['delta']:g}")
+        ax.set_xlabel("recomputed layers")
+        ax.set_ylabel(m["metric_label"])
+        ax.set_title(f"{_pair_title(m)} ({m['dataset']})", fontsize=9)
+    axes[0].legend(fontsize=6)
+    return save(fig, out, formats)
+
+
+def fig_transfer(files: list[Path], out: Path, formats) -> list[Path]:
+    """Fig. 17: quality on each target dataset vs reused layers, frontier profiled on each source."""
+    import pandas as pd
+
+    panels = []
+    for f in files:
+        df = pd.read_csv(f)
+        for t in sorted(df.target.unique()):
+            panels.append((_json(f.with_name("transfer.json")), t, df[df.target == t]))
+    fig, axes = _grid(len(panels))
+    for ax, (m, t, df) in zip(axes, panels):
+        for j, s in enumerate(sorted(df.source.unique())):
+            d = df[df.source == s].sort_values("n_reused")
+            ax.plot(d.n_reused, d.score, "o-" if s == t else "s--", color=f"C{j}", ms=4,
+                    label=f"profiled on {s}" + (" (own)" if s == t else ""))
+        ax.set_xlabel("reused layers")
+        ax.set_ylabel(df.metric.iloc[0])
+        ax.set_title(f"{m['pair']}: tested on {t}", fontsize=9)
+        ax.legend(fontsize=7)
+    return save(fig, out, formats)
+
+
+FIGURES = (  # name, paper figure, glob under the results root, plotter, what it shows
+    ("fig6_quality", "Fig. 6", "study/*/*/quality.json", fig_quality,
+     "receiver alone, receiver on the sender's whole cache, sender alone"),
+    ("fig7_sensitivity", "Fig. 7", "study/*/*/sensitivity.json", fig_sensitivity,
+     "single-layer KV reuse: quality per layer, critical layers in red"),
+    ("fig8_spread", "Fig. 8", "study/*/*/sensitivity_per_example.csv", fig_spread,
+     "per-input quality change of each single-layer reuse"),
+    ("fig10_propagation", "Fig. 10", "study/*/*/propagation.csv", fig_propagation,
+     "output error: several transition points vs one contiguous group"),
+    ("fig11_profile", "Fig. 11", "search/*/*/search.json", fig_profile,
+     "profiled groups, Pareto frontier, greedy walk, selected plans"),
+    ("fig17_transfer", "Fig. 17", "study/*/transfer.csv", fig_transfer,
+     "frontier profiled on one dataset, applied to the others"),
+)
+
+
+def _commands(files: list[Path]) -> list[str]:
+    import json
+
+    cmds = []
+    for f in files:
+        meta = f if f.suffix == ".json" else next((p for p in (f.with_name(f.stem.split("_per_example")[0] + ".json"),
+                                                                f.with_suffix(".json")) if p.exists()), None)
+        if meta and meta.exists():
+            cmd = json.loads(meta.read_text()).get("command")
+            if cmd and cmd not in cmds:
+                cmds.append(cmd)
+    return cmds
+
+
+def make_all(results: Path = Path("results"), out: Path = Path("paper_figures"),
+             formats=("png", "pdf")) -> list[Path]:
+    """Every figure whose result files exist, plus FIGURE_SOURCES.md mapping figures to files and commands."""
+    results, out = Path(results), Path(out)
+    made, lines = [], ["# Figure sources", "",
+                       "Regenerate every figure from the result files alone (no model runs):", "",
+                       "    python -m ds_study.figures" + ("" if str(results) == "results" else f" --results {results}")
+                       + ("" if str(out) == "paper_figures" else f" --out {out}"), ""]
+    for name, paper, pattern, fn, what in FIGURES:
+        files = sorted(results.glob(pattern))
+        if pattern.startswith("search/"):
+            files = [f for f in files if "exhaustive" in _json(f)]
+        if not files:
+            lines += [f"## {name} ({paper} analogue): not made", "", f"No `{results}/{pattern}` yet.", ""]
+            continue
+        paths = fn(files, out / name, formats)
+        made += paths
+        lines += [f"## {name} ({paper} analogue)", "", what + ".", "",
+                  "Files: " + ", ".join(f"`{p.name}`" for p in paths), "", "Result files:", ""]
+        lines += [f"- `{f.relative_to(results.parent) if results.is_absolute() is False else f}`" for f in files]
+        lines += ["", "Made by:", ""] + [f"    {c}" for c in _commands(files)] + [""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "FIGURE_SOURCES.md").write_text("\n".join(lines))
+    return made
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Regenerate the study's figures from result files (no model runs).")
+    ap.add_argument("--results", default="results", help="results root holding study/ and search/")
+    ap.add_argument("--out", default="paper_figures")
+    ap.add_argument("--formats", default="png,pdf")
+    a = ap.parse_args(argv)
+    made = make_all(Path(a.results), Path(a.out), tuple(a.formats.split(",")))
+    for p in made:
+        print(p)
+    print(f"{len(made)} files and {Path(a.out) / 'FIGURE_SOURCES.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,15 @@
 """Profile a sender -> receiver pair: per-layer deviation and the quality of the baselines.
 
     python -m ds_study.profile                          # default embedded pair, 50 profiling examples
-    python -m ds_study.profile model_pair=tiny_code dataset=pycode limit=10
+    python -m ds_study.profile model_pair=tiny_qa dataset=pyqa limit=10
     python -m ds_study.profile model_pair=custom model_pair.receiver=DIR model_pair.sender=DIR model_pair.task=hotpotqa
 
 Writes a new directory under ``results/runs/``: config.yaml, env.json, samples.jsonl (one line per
 example and plan), summary.json, deviation.csv (per layer: mean of k_dev, v_dev, e_dev, cosines,
 attn_cos, and their std/p25/p75 over examples), deviation_per_example.csv and deviation.png.
+With ``search.enabled`` (the default, conf/search.yaml) it then profiles recompute groups
+(ds_study.search): critical layers, the frontier, the selected plans for each delta, and the
+greedy-vs-exhaustive table, into ``results/search/<pair>/<dataset>/`` and search.json.
 """
 
 from __future__ import annotations
@@ -75,12 +78,13 @@ def main(cfg: DictConfig) -> dict:
         summary["deviation_mean"] = {c: round(float(dev[c].mean()), 6) for c in deviation.COLUMNS}
         print("\nper-layer deviation (mean over examples)")
         print(dev[["layer", *deviation.COLUMNS]].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    if cfg.search.enabled:
+    print_table(f"quality on {task.name}/{cfg.split} ({len(examples)} examples)", table)
+    if cfg.search.enabled:  # ends with the frontier, the selected plans and the critical layers
         from ds_study import search
 
         summary["search"] = search.run_from_profile(cfg, pair, task, examples, ev, run)
+    summary.update(seconds=round(time.perf_counter() - t0, 1), cells_computed=ev.n_run, cells_reused=ev.n_reused)
     runner.write_json(run / "summary.json", summary)
-    print_table(f"quality on {task.name}/{cfg.split} ({len(examples)} examples)", table)
     print(f"\nresults: {run}")
     return summary
 

@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ds_study import data, metrics
 from ds_study.caches import ContextCache
-from ds_study.executor import Decoded, Plan, capture, decode, parse_plan, run_plan
+from ds_study.executor import Decoded, GroupMemo, Plan, capture, decode, parse_plan, run_plan
 from ds_study.pair import ModelPair, load_pair
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -120,12 +121,16 @@ class CellStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.cells: dict[tuple[str, str], dict] = {}
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
+            text = self.path.read_text()
+            for line in text.splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a cell cut off by a kill: redo it
                     continue
                 self.cells[(row["plan"], row["id"])] = row
+            if text and not text.endswith("\n"):  # end the cut-off line, or the next cell would join it
+                with open(self.path, "a") as f:
+                    f.write("\n")
 
     def get(self, plan: str, example_id: str) -> dict | None:
         return self.cells.get((plan, example_id))
@@ -139,45 +144,86 @@ class CellStore:
 
 
 class Evaluator:
-    """Runs plans on examples for one pair, capturing each example's sender cache once."""
+    """Runs plans on examples for one pair, capturing each example's sender cache once.
 
-    def __init__(self, pair: ModelPair, task: data.TaskSpec, store: CellStore | None = None):
-        self.pair, self.task, self.store = pair, task, store
-        self._cache_for: tuple[str, ContextCache | None, ContextCache | None] = ("", None, None)
+    The caches of the ``keep`` most recent examples stay in memory, so a search that evaluates one
+    plan over all examples before choosing the next still captures each context once when ``keep``
+    covers the profiling split. Recomputed layers are shared between plans of the current example
+    (GroupMemo). ``n_run`` and ``n_reused`` count cells computed and cells found in the store.
+    """
+
+    def __init__(self, pair: ModelPair, task: data.TaskSpec, store: CellStore | None = None, keep: int = 1):
+        self.pair, self.task, self.store, self.keep = pair, task, store, max(1, int(keep))
+        self._entries: OrderedDict[str, dict] = OrderedDict()  # example id -> sender/receiver/ref/memo
+        self.n_run = self.n_reused = 0
+
+    def _entry(self, ex: Example) -> dict:
+        e = self._entries.get(ex.id)
+        if e is None:
+            e = self._entries[ex.id] = {"sender": None, "receiver": None, "ref": None, "memo": None}
+            while len(self._entries) > self.keep:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(ex.id)
+        return e
 
     def caches(self, ex: Example, need_receiver: bool = False) -> tuple[ContextCache, ContextCache | None]:
-        """(sender cache with E, receiver cache with E or None), memoized for the current example."""
-        cid, s, r = self._cache_for
-        if cid != ex.id or s is None:
-            s, r = capture(self.pair.sender, ex.prompt.prefix_ids, model_id=self.pair.sender_id), None
-        if need_receiver and r is None:
-            r = capture(self.pair.receiver, ex.prompt.prefix_ids, model_id=self.pair.receiver_id)
-        self._cache_for = (ex.id, s, r)
-        return s, r
+        """(sender cache with E, receiver cache with E or None), memoized per example."""
+        e = self._entry(ex)
+        if e["sender"] is None:
+            e["sender"] = capture(self.pair.sender, ex.prompt.prefix_ids, model_id=self.pair.sender_id)
+        if need_receiver and e["receiver"] is None:
+            e["receiver"] = capture(self.pair.receiver, ex.prompt.prefix_ids, model_id=self.pair.receiver_id)
+        return e["sender"], e["receiver"]
+
+    def reference_hidden(self, ex: Example) -> torch.Tensor:
+        """The receiver's own (full-prefill) final hidden states of the suffix: the output-error reference."""
+        e = self._entry(ex)
+        if e["ref"] is None:
+            r = self.caches(ex, need_receiver=True)[1]
+            e["ref"] = decode(self.pair.receiver, list(zip(r.keys, r.values)), ex.prompt.suffix_ids, 0).suffix_hidden
+        return e["ref"]
 
     def run(self, plan: Plan, ex: Example) -> Decoded:
         p, tok = ex.prompt, self.pair.tokenizer
-        if plan.label == "full_prefill" and self._cache_for[0] == ex.id and self._cache_for[2] is not None:
-            r = self._cache_for[2]  # the receiver's own capture *is* its full prefill
+        e = self._entry(ex)
+        if plan.label == "full_prefill" and e["receiver"] is not None:
+            r = e["receiver"]  # the receiver's own capture *is* its full prefill
             return decode(self.pair.receiver, list(zip(r.keys, r.values)), p.suffix_ids,
                           self.task.max_new_tokens, tok.eos_token_id)
         needs_sender = plan.kind != "groups" or plan.n_recomputed() < self.pair.n_layers
         sender_cache = self.caches(ex)[0] if needs_sender else None
+        memo = None
+        if plan.kind == "groups" and needs_sender:
+            if e["memo"] is None:
+                e["memo"] = GroupMemo(self.pair.receiver, p.prefix_ids, sender_cache)
+            memo = e["memo"]
         return run_plan(self.pair.receiver, self.pair.sender, plan, p.prefix_ids, p.suffix_ids,
-                        self.task.max_new_tokens, tok.eos_token_id, sender_cache=sender_cache)
+                        self.task.max_new_tokens, tok.eos_token_id, sender_cache=sender_cache, memo=memo)
 
-    def cell(self, plan: Plan, ex: Example) -> dict:
+    def cell(self, plan: Plan, ex: Example, out_err: bool = False) -> dict:
+        """One scored (plan, example) row, from the store if done before; ``out_err`` adds the relative
+        L2 distance of the suffix's final hidden states from the receiver's full prefill."""
         if self.store is not None and (row := self.store.get(plan.name, ex.id)) is not None:
-            return row
+            if not out_err or "out_err" in row:
+                self.n_reused += 1
+                return row
         t0 = time.perf_counter()
         out = self.run(plan, ex)
         pred = prediction_text(self.pair.tokenizer, out.token_ids)
         row = {"plan": plan.name, "id": ex.id, "n_recomputed": plan.n_recomputed() if plan.kind == "groups" else None,
                "prediction": pred, "answers": ex.record["answers"], "score": score(self.task, pred, ex.record),
                "metric": self.task.metric, "seconds": round(time.perf_counter() - t0, 4)}
+        if out_err:
+            row["out_err"] = rel_l2(out.suffix_hidden, self.reference_hidden(ex))
+        self.n_run += 1
         if self.store is not None:
             self.store.add(row)
         return row
+
+
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
 
 
 def quality(rows: list[dict]) -> float:

@@ -93,7 +93,8 @@ def test_shape_mismatch_refused(tmp_path):
 
 
 def test_profile_writes_results_and_never_overwrites(compose_cfg, tmp_path):
-    cfg = compose_cfg("profile", "limit=2", f"results_root={tmp_path}/runs", f"cells_root={tmp_path}/cells")
+    cfg = compose_cfg("profile", "limit=2", f"results_root={tmp_path}/runs", f"cells_root={tmp_path}/cells",
+                      "search.enabled=false")  # the search has its own tests (test_search.py)
     first = profile.main(cfg)
     second = profile.main(cfg)
     runs = sorted((tmp_path / "runs").iterdir())
@@ -114,8 +115,8 @@ def test_profile_writes_results_and_never_overwrites(compose_cfg, tmp_path):
 
 
 def test_self_deviation_is_exactly_zero(compose_cfg, tmp_path):
-    cfg = compose_cfg("profile", "limit=1", "model_pair.sender=zoo:qa", "plans=[full_reuse]",
-                      f"results_root={tmp_path}/runs", f"cells_root={tmp_path}/cells")
+    cfg = compose_cfg("profile", "limit=1", "model_pair.receiver=zoo:qa", "model_pair.sender=zoo:qa", "plans=[full_reuse]",
+                      f"results_root={tmp_path}/runs", f"cells_root={tmp_path}/cells", "search.enabled=false")
     summary = profile.main(cfg)
     dev = pd.read_csv(next((tmp_path / "runs").iterdir()) / "deviation.csv")
     assert (dev[["k_dev", "v_dev", "e_dev"]] == 0.0).all().all()

@@ -1,0 +1,456 @@
+"""Offline profiling and selection (DroidSpeak §4.2): which layers should the receiver recompute?
+
+- **Exhaustive profiling** scores every contiguous group ``[a, b]`` at granularity ``g`` (starts
+  and lengths in steps of g, the last group clipped to the last layer) plus full reuse on the
+  profiling split: ``ceil(L/g) * (ceil(L/g) + 1) / 2 + 1`` plans, O(L^2).
+- **Frontier**: the best quality for each number ``k`` of recomputed layers (k = 0 is full reuse,
+  k = L full prefill). Ties go to fewer transition points, then to the earlier group.
+- **Selection**: the fewest recomputed layers whose frontier quality is within ``delta`` of the
+  receiver's full prefill (relative by default; absolute: within ``100 * delta`` points).
+- **Greedy search**: a much cheaper walk over groups (see ``greedy``), reported side by side with
+  the exhaustive frontier for every recompute budget.
+
+Quality is the dataset's own metric (F1, Rouge-L, code similarity) aggregated LongBench-style
+over the profiling examples. Every (plan, example) cell goes through ``runner.Evaluator``, which
+appends it to the pair's cell file at once, so every search here resumes after an interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ds_study.executor import Plan, groups_plan, parse_plan
+
+# --------------------------------------------------------------------------------------------
+# Plans and scored points
+
+
+def candidate_groups(n_layers: int, g: int = 1) -> list[tuple[int, int]]:
+    """Every contiguous group at granularity g, start-major: [0, g-1], [0, 2g-1], ..., [g, 2g-1], ..."""
+    if g < 1:
+        raise ValueError(f"granularity must be >= 1, got {g}")
+    out = []
+    for a in range(0, n_layers, g):
+        for end in range(a + g, n_layers + g, g):
+            out.append((a, min(end, n_layers) - 1))
+    return out
+
+
+def plan_of(groups: Sequence[tuple[int, int]], n_layers: int) -> Plan:
+    """The canonical plan for a set of groups: full reuse and full prefill keep their baseline names,
+    so their cells are shared with the quality study and the profile job."""
+    groups = sorted(tuple(g) for g in groups)
+    if not groups:
+        return parse_plan("full_reuse", n_layers)
+    if groups == [(0, n_layers - 1)]:
+        return parse_plan("full_prefill", n_layers)
+    return groups_plan(groups, n_layers)
+
+
+def n_exhaustive(n_layers: int, g: int) -> int:
+    """Plans exhaustive profiling evaluates: all groups plus full reuse (full prefill is the group [0, L-1])."""
+    m = math.ceil(n_layers / g)
+    return m * (m + 1) // 2 + 1
+
+
+@dataclass(frozen=True)
+class Point:
+    """One plan scored on the whole profiling split."""
+
+    plan: str
+    groups: tuple[tuple[int, int], ...]
+    score: float
+
+    @property
+    def k(self) -> int:
+        return sum(b - a + 1 for a, b in self.groups)
+
+    @property
+    def transitions(self) -> int:
+        """Reuse -> recompute switches, each needing the sender's E (a group at layer 0 needs none)."""
+        return sum(1 for a, _ in self.groups if a > 0)
+
+    def tie_key(self) -> tuple:
+        """Sort key: higher score first, then fewer transitions, then the earlier group."""
+        return (-self.score, self.transitions, self.groups[0][0] if self.groups else -1, self.plan)
+
+    def row(self) -> dict:
+        return {"plan": self.plan, "groups": groups_str(self.groups), "k": self.k,
+                "transitions": self.transitions, "score": self.score}
+
+
+def groups_str(groups) -> str:
+    return ",".join(f"{a}-{b}" for a, b in groups) or "none"
+
+
+def parse_groups(s: str) -> tuple[tuple[int, int], ...]:
+    if not s or s == "none":
+        return ()
+    return tuple(tuple(int(x) for x in part.split("-")) for part in s.split(","))
+
+
+def frontier(points: Sequence[Point], n_layers: int) -> list[Point | None]:
+    """frontier[k]: the best point with exactly k recomputed layers (None if none was scored)."""
+    best: list[Point | None] = [None] * (n_layers + 1)
+    for p in points:
+        if best[p.k] is None or p.tie_key() < best[p.k].tie_key():
+            best[p.k] = p
+    return best
+
+
+def budget_frontier(front: Sequence[Point | None]) -> list[Point | None]:
+    """best[k]: the best point with *at most* k recomputed layers, i.e. the Pareto frontier read at a
+    recompute budget (a point is dominated by one that recomputes no more and scores no less)."""
+    out, cur = [], None
+    for p in front:
+        if p is not None and (cur is None or p.score > cur.score):
+            cur = p
+        out.append(cur)
+    return out
+
+
+def threshold(base: float, delta: float, mode: str = "relative") -> float:
+    if mode == "relative":
+        return (1 - delta) * base
+    if mode == "absolute":
+        return base - 100 * delta  # quality is on a 0-100 scale
+    raise ValueError(f"delta mode must be 'relative' or 'absolute', got {mode!r}")
+
+
+def select(front: Sequence[Point | None], base: float, delta: float, mode: str = "relative") -> Point | None:
+    """The fewest recomputed layers whose frontier quality is within delta of full prefill."""
+    t = threshold(base, delta, mode) - 1e-9  # scores are rounded to 0.01; don't lose ties to float noise
+    for p in front:
+        if p is not None and p.score >= t:
+            return p
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Single-layer sensitivity (paper Fig. 7): critical layers
+
+
+def sensitivity_plans(n_layers: int) -> list[Plan]:
+    """Receiver computes everything itself but reads the sender's KV at one layer."""
+    return [parse_plan(f"reuse_only:{i}", n_layers) for i in range(n_layers)]
+
+
+def critical_layers(layer_scores: Sequence[float], base: float, threshold_: float = 0.10,
+                    mode: str = "relative") -> list[int]:
+    """Layers whose single-layer reuse drops quality by more than the threshold (default: 10% relative)."""
+    cut = threshold(base, threshold_, mode)
+    return [i for i, s in enumerate(layer_scores) if s < cut - 1e-9]
+
+
+# --------------------------------------------------------------------------------------------
+# Greedy search
+
+
+@dataclass
+class GreedyResult:
+    points: list[Point]  # in evaluation order
+    evaluations: int  # distinct plans scored (each on the whole profiling split)
+    log: list[str] = field(default_factory=list)
+
+
+class CountingOracle:
+    """Scores plans (given as group tuples) with ``score_fn`` once each, counting distinct plans."""
+
+    def __init__(self, score_fn: Callable[[list[tuple]], list[float]]):
+        self.score_fn, self.seen = score_fn, {}
+
+    def __call__(self, groups_list: list[tuple]) -> list[float]:
+        todo = [g for g in dict.fromkeys(tuple(g) for g in groups_list) if g not in self.seen]
+        if todo:
+            self.seen.update(zip(todo, self.score_fn(todo)))
+        return [self.seen[tuple(g)] for g in groups_list]
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.seen)
+
+
+def unit_runs(units: set[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive unit indices: {0, 1, 4} -> [(0, 1), (4, 4)]."""
+    out: list[tuple[int, int]] = []
+    for u in sorted(units):
+        if out and u == out[-1][1] + 1:
+            out[-1] = (out[-1][0], u)
+        else:
+            out.append((u, u))
+    return out
+
+
+def greedy(n_layers: int, g: int, score_fn: Callable[[list[tuple]], list[float]], prior: Sequence[float],
+           max_groups: int = 1, new_group_margin: float = 0.5,
+           name_of: Callable[[tuple], str] | None = None) -> GreedyResult:
+    """Grow the recomputed layers one granule at a time, in the order a free per-layer prior suggests.
+
+    ``score_fn`` takes plans (each a tuple of groups) and returns their qualities; ``prior[i]`` is a
+    per-layer sensitivity estimate that costs no quality evaluation (from the deviation profile).
+    The walk scores full reuse and full prefill, seeds a group at the granule the prior ranks most
+    sensitive, then adds one granule per step, so it scores exactly one plan per recompute count:
+    ceil(L/g) + 1 plans against exhaustive profiling's ~(L/g)^2 / 2. A step extends a group by the
+    adjacent granule of highest prior; it opens a new group instead (at most ``max_groups``) only if
+    a non-adjacent granule's prior beats that by more than ``new_group_margin`` (relative), because
+    every extra group adds a transition point whose sender E carries error forward (paper §4.1).
+    """
+    oracle = CountingOracle(score_fn)
+    name_of = name_of or (lambda gr: plan_of(gr, n_layers).name)
+    units = [(a, min(a + g, n_layers) - 1) for a in range(0, n_layers, g)]  # granules [0, g-1], [g, 2g-1], ...
+    unit_prior = [sum(prior[a:b + 1]) / (b - a + 1) for a, b in units]
+    log: list[str] = []
+
+    def plan(chosen: set[int]) -> tuple:
+        return tuple((units[lo][0], units[hi][1]) for lo, hi in unit_runs(chosen))
+
+    oracle([(), ((0, n_layers - 1),)])
+    seed = max(range(len(units)), key=lambda i: (unit_prior[i], -i))
+    chosen = {seed}
+    log.append(f"seed {units[seed]} (prior {unit_prior[seed]:.4f})")
+    walk = [(), plan(chosen)]
+    while len(chosen) < len(units):
+        free = [u for u in range(len(units)) if u not in chosen]
+        adjacent = [u for u in free if u - 1 in chosen or u + 1 in chosen]
+        apart = [u for u in free if u not in adjacent and len(unit_runs(chosen | {u})) <= max_groups]
+        best = max(adjacent, key=lambda u: (unit_prior[u], -u)) if adjacent else None
+        far = max(apart, key=lambda u: (unit_prior[u], -u)) if apart else None
+        if far is not None and (best is None or unit_prior[far] > (1 + new_group_margin) * unit_prior[best]):
+            best = far
+            log.append(f"new group at {units[far]} (prior {unit_prior[far]:.4f})")
+        chosen = chosen | {best}
+        walk.append(plan(chosen))
+    oracle(walk[1:-1])  # the last plan of the walk is full prefill, already scored
+    order = [(), *walk[1:-1], ((0, n_layers - 1),)]
+    points = [Point(name_of(gr), gr, oracle.seen[gr]) for gr in dict.fromkeys(order)]
+    return GreedyResult(points, oracle.evaluations, log)
+
+
+# --------------------------------------------------------------------------------------------
+# Running on a pair
+
+
+def evaluate(ev, plans: Sequence[Plan], examples, desc: str = "", out_err: bool = False) -> dict[str, list[dict]]:
+    """Cells of every plan on every example, example-major: each context is captured once and the
+    plans of one context share recomputed layers. Finished cells come from the cell file."""
+    from tqdm import tqdm
+
+    rows: dict[str, list[dict]] = {p.name: [] for p in plans}
+    for ex in tqdm(examples, desc=desc or "cells", dynamic_ncols=True, leave=False):
+        for p in plans:
+            rows[p.name].append(ev.cell(p, ex, out_err=out_err))
+    return rows
+
+
+def quality(rows: list[dict]) -> float:
+    from ds_study import metrics
+
+    return metrics.aggregate([r["score"] for r in rows])
+
+
+def scorer(ev, examples, n_layers: int, desc: str = "") -> Callable[[list[tuple]], list[float]]:
+    """score_fn for greedy: plans given as group tuples -> quality on the profiling split."""
+    def score_fn(groups_list):
+        plans = [plan_of(gr, n_layers) for gr in groups_list]
+        rows = evaluate(ev, plans, examples, desc=desc)
+        return [quality(rows[p.name]) for p in plans]
+    return score_fn
+
+
+def exhaustive(ev, examples, n_layers: int, granularities: Sequence[int]) -> dict[int, list[Point]]:
+    """Score full reuse and every group at each granularity; coarser grids reuse the finer one's cells."""
+    grids = {g: [()] + [((a, b),) for a, b in candidate_groups(n_layers, g)] for g in granularities}
+    union = list(dict.fromkeys(gr for g in sorted(grids) for gr in grids[g]))
+    union.sort(key=lambda gr: (gr[0][0], gr[0][1]) if gr else (-1, -1))  # start-major: GroupMemo reuse
+    plans = {gr: plan_of(gr, n_layers) for gr in union}
+    rows = evaluate(ev, list(plans.values()), examples, desc=f"exhaustive g={','.join(map(str, granularities))}")
+    scores = {gr: quality(rows[plans[gr].name]) for gr in union}
+    return {g: [Point(plans[gr].name, gr, scores[gr]) for gr in grids[g]] for g in granularities}
+
+
+def layer_prior(dev_csv: Path, column: str) -> list[float]:
+    """Per-layer sensitivity prior from the deviation profile: bigger means the sender's KV hurts more."""
+    import pandas as pd
+
+    df = pd.read_csv(dev_csv).sort_values("layer")
+    if column == "attn":
+        return list(1 - df["attn_cos"])
+    if column == "kv":
+        return list(df["k_dev"] + df["v_dev"])
+    return list(df[column])
+
+
+def frontier_rows(front, budget) -> list[dict]:
+    out = []
+    for k, (p, b) in enumerate(zip(front, budget)):
+        out.append({"k": k, "plan": p.plan if p else None, "groups": groups_str(p.groups) if p else None,
+                    "transitions": p.transitions if p else None, "score": p.score if p else None,
+                    "budget_plan": b.plan if b else None, "budget_score": b.score if b else None})
+    return out
+
+
+def selections(front, base: float, deltas: Sequence[float], mode: str) -> list[dict]:
+    out = []
+    for d in deltas:
+        p = select(front, base, d, mode)
+        out.append({"delta": d, "mode": mode, "threshold": round(threshold(base, d, mode), 4),
+                    "plan": p.plan if p else None, "groups": groups_str(p.groups) if p else None,
+                    "k": p.k if p else None, "score": p.score if p else None})
+    return out
+
+
+def comparison(exh: list[Point], gre: list[Point], n_layers: int) -> list[dict]:
+    """Per recompute budget k: the best plan with at most k recomputed layers, exhaustive vs greedy."""
+    eb, gb = budget_frontier(frontier(exh, n_layers)), budget_frontier(frontier(gre, n_layers))
+    return [{"k": k, "exhaustive_plan": e.plan, "exhaustive": e.score, "greedy_plan": g.plan, "greedy": g.score,
+             "diff": round(g.score - e.score, 2)} for k, (e, g) in enumerate(zip(eb, gb))]
+
+
+def write_comparison_md(out_root: Path) -> Path:
+    """Gather every pair's greedy_vs_exhaustive_<pair>.csv into one markdown table."""
+    import pandas as pd
+
+    lines = ["# Greedy vs exhaustive profiling", "",
+             "Best quality with at most k recomputed layers on each pair's 50-example profiling split; "
+             "`diff` = greedy - exhaustive (quality points). Evaluations count distinct plans, each "
+             "scored on every profiling example.", ""]
+    for csv in sorted(Path(out_root).glob("greedy_vs_exhaustive_*.csv")):
+        meta = json.loads(csv.with_suffix(".json").read_text()) if csv.with_suffix(".json").exists() else {}
+        df = pd.read_csv(csv)
+        lines += [f"## {meta.get('pair', csv.stem)} ({meta.get('sender', '?')} -> {meta.get('receiver', '?')}, "
+                  f"{meta.get('dataset', '?')}, {meta.get('metric', '')})", "",
+                  f"Evaluations: greedy {meta.get('greedy_evaluations')} vs exhaustive "
+                  f"{meta.get('exhaustive_evaluations')} ({meta.get('evaluation_ratio', float('nan')):.0%}); "
+                  f"largest shortfall {meta.get('max_shortfall')} points. Command: `{meta.get('command', '')}`", "",
+                  "| k | exhaustive plan | exhaustive | greedy plan | greedy | diff |", "|---|---|---|---|---|---|"]
+        for r in df.itertuples():
+            lines.append(f"| {r.k} | {r.exhaustive_plan} | {r.exhaustive:.2f} | {r.greedy_plan} | {r.greedy:.2f} | "
+                         f"{r.diff:+.2f} |")
+        lines.append("")
+    path = Path(out_root) / "greedy_vs_exhaustive.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def print_frontier(front, budget, title: str) -> None:
+    print(f"\n{title}")
+    print(f"  {'k':>3}  {'best plan with k layers':<26}{'score':>8}  {'best with <= k':<26}{'score':>8}")
+    for k, (p, b) in enumerate(zip(front, budget)):
+        ps = f"{p.plan:<26}{p.score:>8.2f}" if p else f"{'-':<26}{'':>8}"
+        print(f"  {k:>3}  {ps}  {b.plan if b else '-':<26}{b.score if b else float('nan'):>8.2f}")
+
+
+def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
+    """Profiling and selection after ``ds_study.profile``'s baselines: sensitivity, exhaustive and/or
+    greedy search, frontier, selected plans. Writes results/search/<pair>/<dataset>/ and the run dir."""
+    import sys
+
+    import pandas as pd
+
+    from ds_study import deviation, metrics, runner
+
+    sc, L = cfg.search, pair.n_layers
+    if sc.method not in ("exhaustive", "greedy", "both"):
+        raise ValueError(f"search.method must be exhaustive, greedy or both, got {sc.method!r}")
+    grans = [int(x) for x in (sc.granularity if not isinstance(sc.granularity, int) else [sc.granularity])]
+    root = Path(sc.out_root) if sc.get("out_root") else Path(cfg.results_root).parent / "search"
+    out = root / cfg.model_pair.name / task.name
+    out.mkdir(parents=True, exist_ok=True)
+    label = metrics.get_metric(task.metric).label
+    n0 = ev.n_run
+    base = quality(evaluate(ev, [parse_plan("full_prefill", L)], examples, "full prefill")["full_prefill"])
+    result: dict = {"pair": cfg.model_pair.name, "receiver": pair.receiver_id["name"],
+                    "sender": pair.sender_id["name"], "dataset": task.name, "split": cfg.split,
+                    "command": " ".join(["python -m ds_study.profile", *sys.argv[1:]]),
+                    "models": pair.identities(),
+                    "base": base, "metric": task.metric, "metric_label": label, "n_examples": len(examples),
+                    "n_layers": L,
+                    "delta_mode": sc.delta_mode, "deltas": list(sc.deltas), "method": sc.method}
+
+    if sc.sensitivity:
+        rows = evaluate(ev, sensitivity_plans(L), examples, "sensitivity")
+        layer_scores = [quality(rows[p.name]) for p in sensitivity_plans(L)]
+        crit = critical_layers(layer_scores, base, sc.critical_threshold, sc.critical_mode)
+        result["sensitivity"] = {"layer_scores": layer_scores, "critical_layers": crit,
+                                 "critical_threshold": sc.critical_threshold, "critical_mode": sc.critical_mode}
+
+    exh = {}
+    if sc.method in ("exhaustive", "both"):
+        exh = exhaustive(ev, examples, L, grans)
+        result["exhaustive"] = {}
+        for g, pts in exh.items():
+            front = frontier(pts, L)
+            budget = budget_frontier(front)
+            pd.DataFrame([p.row() for p in pts]).to_csv(out / f"points_g{g}.csv", index=False)
+            pd.DataFrame(frontier_rows(front, budget)).to_csv(out / f"frontier_g{g}.csv", index=False)
+            sel = selections(front, base, sc.deltas, sc.delta_mode)
+            result["exhaustive"][g] = {"evaluations": n_exhaustive(L, g), "frontier": frontier_rows(front, budget),
+                                       "selected": sel}
+            print_frontier(front, budget, f"frontier, exhaustive g={g} ({n_exhaustive(L, g)} plans x "
+                                          f"{len(examples)} examples; full prefill {base:.2f} {label})")
+
+    gre = None
+    if sc.method in ("greedy", "both"):
+        dev_csv = run / "deviation.csv"
+        if not dev_csv.exists():
+            per_ex = []
+            for ex in examples:
+                s_cache, r_cache = ev.caches(ex, need_receiver=True)
+                per_ex += [{"id": ex.id, **r} for r in deviation.layer_deviation(pair.receiver, r_cache, s_cache)]
+            deviation.summarize(per_ex).to_csv(dev_csv, index=False)
+        prior = layer_prior(dev_csv, sc.prior)
+        gre = greedy(L, int(sc.greedy_granularity), scorer(ev, examples, L, "greedy"), prior,
+                     max_groups=int(sc.max_groups), new_group_margin=float(sc.new_group_margin))
+        gfront = frontier(gre.points, L)
+        gbudget = budget_frontier(gfront)
+        pd.DataFrame([{"step": i, **p.row()} for i, p in enumerate(gre.points)]).to_csv(out / "greedy.csv", index=False)
+        result["greedy"] = {"evaluations": gre.evaluations, "prior": sc.prior, "prior_values": prior,
+                            "max_groups": int(sc.max_groups), "log": gre.log,
+                            "points": [p.row() for p in gre.points],
+                            "selected": selections(gbudget, base, sc.deltas, sc.delta_mode)}
+
+    if exh and gre is not None:
+        g = int(sc.greedy_granularity)
+        pts = exh[g] if g in exh else exhaustive(ev, examples, L, [g])[g]
+        table = comparison(pts, gre.points, L)
+        n_ex = n_exhaustive(L, g)
+        meta = {"pair": cfg.model_pair.name, "receiver": pair.receiver_id["name"], "sender": pair.sender_id["name"],
+                "dataset": task.name, "split": cfg.split, "metric": label, "granularity": g,
+                "greedy_evaluations": gre.evaluations, "exhaustive_evaluations": n_ex,
+                "evaluation_ratio": gre.evaluations / n_ex,
+                "max_shortfall": round(max(0.0, -min(r["diff"] for r in table)), 2),
+                "command": result["command"]}
+        pd.DataFrame(table).to_csv(root / f"greedy_vs_exhaustive_{cfg.model_pair.name}.csv", index=False)
+        runner.write_json(root / f"greedy_vs_exhaustive_{cfg.model_pair.name}.json", meta)
+        md = write_comparison_md(root)
+        result["comparison"] = {**meta, "table": table, "markdown": str(md)}
+        print(f"\ngreedy vs exhaustive (g={g}): {gre.evaluations} vs {n_ex} plans evaluated "
+              f"({meta['evaluation_ratio']:.0%}); largest shortfall {meta['max_shortfall']} points")
+        print(f"  {'k':>3}  {'exhaustive':<24}{'score':>8}  {'greedy':<24}{'score':>8}{'diff':>8}")
+        for r in table:
+            print(f"  {r['k']:>3}  {r['exhaustive_plan']:<24}{r['exhaustive']:>8.2f}  {r['greedy_plan']:<24}"
+                  f"{r['greedy']:>8.2f}{r['diff']:>+8.2f}")
+
+    result["cells_computed"] = ev.n_run - n0
+    print(f"\nselected recompute plans ({sc.delta_mode} delta, full prefill {base:.2f} {label}):")
+    for method in ("exhaustive", "greedy"):
+        if method not in result:
+            continue
+        sels = (result[method][min(result[method])]["selected"] if method == "exhaustive"
+                else result[method]["selected"])
+        src = f"exhaustive g={min(result[method])}" if method == "exhaustive" else "greedy"
+        for s in sels:
+            print(f"  {src:<15} delta {s['delta']:g}: {s['plan']} ({s['k']} layers recomputed, {s['score']} "
+                  f">= {s['threshold']})")
+    if "sensitivity" in result:
+        sens = result["sensitivity"]
+        print(f"\ncritical layers (single-layer reuse drops {label} by more than {sc.critical_threshold:g} "
+              f"{sc.critical_mode}): {sens['critical_layers']}")
+        print("  per-layer " + label + ": " + " ".join(f"{i}:{s:.1f}" for i, s in enumerate(sens["layer_scores"])))
+    runner.write_json(out / "search.json", result)
+    runner.write_json(run / "search.json", result)
+    return result

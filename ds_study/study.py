@@ -1,0 +1,305 @@
+"""The study of DroidSpeak §3 on one pair: why reuse needs recomputation, and which layers.
+
+    python -m ds_study.study                            # study=all on the default embedded pair
+    python -m ds_study.study study=sensitivity model_pair=tiny_sum
+    python -m ds_study.study model_pair=custom model_pair.receiver=DIR model_pair.sender=DIR \\
+        model_pair.task=hotpotqa 'study.quality.datasets=[hotpotqa,2wikimqa]' 'study.transfer.datasets=[...]'
+
+Jobs (conf/study/*.yaml), each writing stable files under ``results/study/<pair>/`` that
+``python -m ds_study.figures`` reads:
+
+- quality (Fig. 6): receiver alone, receiver on the sender's whole cache, sender alone, per dataset
+  -> ``<dataset>/quality.json``.
+- sensitivity (Fig. 7, 8): the receiver reads the sender's KV at one layer only; quality per
+  layer, critical layers, and the per-input spread of each layer's quality change
+  -> ``<dataset>/sensitivity.{csv,json}``, ``<dataset>/sensitivity_per_example.csv``.
+- propagation (Fig. 10): the same critical layers recomputed as several groups (several
+  transition points) and merged step by step into one contiguous group; output error (relative
+  L2 of the suffix's final hidden states vs full prefill) and quality -> ``<dataset>/propagation*.csv``.
+- transfer (Fig. 17): the frontier profiled on each dataset, applied to every other one
+  -> ``transfer.{csv,json}``.
+
+All cells go through the pair's resumable cell files, so the jobs share work with each other and
+with ``ds_study.profile``, and a rerun after an interruption skips what is done.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from ds_study import metrics, runner, search
+from ds_study.executor import parse_plan
+
+JOBS = ("quality", "sensitivity", "propagation", "transfer")
+
+
+class Study:
+    """One loaded pair plus, per dataset, its examples and evaluator."""
+
+    def __init__(self, cfg: DictConfig, pair=None):
+        self.cfg = cfg
+        self.pair = pair if pair is not None else runner.load_pair_from(cfg)
+        self.L = self.pair.n_layers
+        root = cfg.get("study_root") or Path(cfg.results_root).parent / "study"
+        self.root = Path(root) / cfg.model_pair.name
+        self._ctx: dict[str, tuple] = {}
+
+    def datasets(self, names) -> list[str]:
+        return list(names) if names else [self.cfg.model_pair.task]
+
+    def context(self, dataset: str):
+        """(task, examples, evaluator) of one dataset, built once."""
+        if dataset not in self._ctx:
+            cfg = self.cfg.copy()
+            OmegaConf.set_struct(cfg, False)
+            cfg.dataset = dataset
+            cfg.dataset_path = self.cfg.dataset_path if dataset == self.cfg.model_pair.task else None
+            task = runner.validate(cfg)
+            examples = runner.prepare(self.pair, task, runner.records_of(cfg, task), cfg.max_length)
+            store = runner.CellStore(Path(cfg.cells_root) / cfg.model_pair.name, self.pair, task, cfg.split,
+                                     cfg.max_length)
+            self._ctx[dataset] = (task, examples, runner.Evaluator(self.pair, task, store))
+        return self._ctx[dataset]
+
+    def out(self, *parts) -> Path:
+        p = self.root.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def meta(self, task, examples) -> dict:
+        return {"pair": self.cfg.model_pair.name, "receiver": self.pair.receiver_id["name"],
+                "sender": self.pair.sender_id["name"], "dataset": task.name, "split": self.cfg.split,
+                "n_examples": len(examples), "n_layers": self.L, "metric": task.metric,
+                "metric_label": metrics.get_metric(task.metric).label,
+                "metric_version": metrics.get_metric(task.metric).version, "models": self.pair.identities(),
+                "command": command()}
+
+    def base(self, dataset: str) -> tuple[float, dict[str, float]]:
+        """Receiver full-prefill quality and per-example scores."""
+        task, examples, ev = self.context(dataset)
+        rows = search.evaluate(ev, [parse_plan("full_prefill", self.L)], examples, "full prefill")["full_prefill"]
+        return search.quality(rows), {r["id"]: r["score"] for r in rows}
+
+    # ----------------------------------------------------------------------------------------
+
+    def quality(self) -> list[dict]:
+        """Fig. 6: the three baselines on every dataset."""
+        qc, out = self.cfg.study.quality, []
+        for d in self.datasets(qc.datasets):
+            task, examples, ev = self.context(d)
+            plans = runner.plans_of(qc.plans, self.L)
+            rows = search.evaluate(ev, plans, examples, f"quality {d}")
+            scores = {p.name: search.quality(rows[p.name]) for p in plans}
+            res = {**self.meta(task, examples), "scores": scores}
+            runner.write_json(self.out(d, "quality.json"), res)
+            out.append(res)
+            print(f"  quality {d:<8} " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        return out
+
+    def sensitivity(self, dataset: str, verbose: bool = True) -> dict:
+        """Fig. 7 + 8: quality when only layer i reads the sender's KV; critical layers; per-input spread."""
+        sc = self.cfg.study.sensitivity
+        task, examples, ev = self.context(dataset)
+        base, base_by_id = self.base(dataset)
+        plans = search.sensitivity_plans(self.L)
+        rows = search.evaluate(ev, plans, examples, f"sensitivity {dataset}")
+        layer_scores = [search.quality(rows[p.name]) for p in plans]
+        crit = search.critical_layers(layer_scores, base, sc.critical_threshold, sc.critical_mode)
+        per_ex = pd.DataFrame([{"layer": i, "id": r["id"], "score": 100 * r["score"],
+                                "full_prefill": 100 * base_by_id[r["id"]],
+                                "change": 100 * (r["score"] - base_by_id[r["id"]])}
+                               for i, p in enumerate(plans) for r in rows[p.name]])
+        per_ex.to_csv(self.out(dataset, "sensitivity_per_example.csv"), index=False)
+        g = per_ex.groupby("layer")["change"]
+        table = pd.DataFrame({"layer": range(self.L), "score": layer_scores,
+                              "rel_drop": [round(1 - s / base, 4) if base else 0.0 for s in layer_scores],
+                              "critical": [i in crit for i in range(self.L)]})
+        table["change_mean"] = g.mean().values
+        for q in sc.percentiles:
+            table[f"change_p{q}"] = g.quantile(q / 100).values
+        table["frac_inputs_changed"] = g.apply(lambda c: float((c != 0).mean())).values
+        table.to_csv(self.out(dataset, "sensitivity.csv"), index=False)
+        res = {**self.meta(task, examples), "full_prefill": base, "layer_scores": layer_scores,
+               "critical_layers": crit, "critical_threshold": sc.critical_threshold,
+               "critical_mode": sc.critical_mode}
+        runner.write_json(self.out(dataset, "sensitivity.json"), res)
+        if verbose:
+            label = res["metric_label"]
+            print(f"  sensitivity {dataset}: full prefill {base:.2f} {label}; per layer "
+                  + " ".join(f"{i}:{s:.1f}" for i, s in enumerate(layer_scores)) + f"; critical {crit}")
+        return res
+
+    def propagation(self, dataset: str) -> pd.DataFrame:
+        """Fig. 10: the same critical layers as separate groups vs merged into one contiguous group."""
+        pc = self.cfg.study.propagation
+        task, examples, ev = self.context(dataset)
+        sens = self.sensitivity(dataset, verbose=False)
+        layers = critical_groups_layers(sens["layer_scores"], sens["critical_layers"], pc.top_k)
+        chain = merge_chain(runs(layers))
+        plans = [parse_plan("full_reuse", self.L)] + [search.plan_of(gr, self.L) for gr in chain]
+        rows = search.evaluate(ev, plans, examples, f"propagation {dataset}", out_err=True)
+        per_ex, summary = [], []
+        for p, gr in zip(plans, [()] + chain):
+            pt = search.Point(p.name, tuple(gr), 0.0)
+            errs = pd.Series([r["out_err"] for r in rows[p.name]])
+            summary.append({"plan": p.name, "groups": search.groups_str(gr), "n_groups": len(gr),
+                            "transitions": pt.transitions, "k": pt.k, "score": search.quality(rows[p.name]),
+                            "out_err_mean": errs.mean(), "out_err_p25": errs.quantile(0.25),
+                            "out_err_p50": errs.median(), "out_err_p75": errs.quantile(0.75)})
+            per_ex += [{"plan": p.name, "id": r["id"], "score": 100 * r["score"], "out_err": r["out_err"]}
+                       for r in rows[p.name]]
+        df = pd.DataFrame(summary)
+        df.to_csv(self.out(dataset, "propagation.csv"), index=False)
+        pd.DataFrame(per_ex).to_csv(self.out(dataset, "propagation_per_example.csv"), index=False)
+        runner.write_json(self.out(dataset, "propagation.json"),
+                          {**self.meta(task, examples), "layers": layers, "critical_layers": sens["critical_layers"],
+                           "full_prefill": sens["full_prefill"], "plans": summary})
+        print(f"  propagation {dataset}: layers {layers}")
+        for r in summary:
+            print(f"    {r['plan']:<24} transitions {r['transitions']}  k {r['k']}  score {r['score']:6.2f}  "
+                  f"output error {r['out_err_mean']:.4f}")
+        return df
+
+    def transfer(self) -> pd.DataFrame:
+        """Fig. 17: frontier plans chosen on a source dataset, scored on each target dataset."""
+        tc = self.cfg.study.transfer
+        g = int(tc.granularity)
+        names = self.datasets(tc.datasets)
+        points, labels = {}, {}
+        for d in names:
+            task, examples, ev = self.context(d)
+            points[d] = {p.groups: p for p in search.exhaustive(ev, examples, self.L, [g])[g]}
+            labels[d] = metrics.get_metric(task.metric).label
+        fronts = {d: search.frontier(list(points[d].values()), self.L) for d in names}
+        rows = []
+        for s in names:
+            for t in names:
+                for k, p in enumerate(fronts[s]):
+                    if p is None:
+                        continue
+                    own = fronts[t][k]
+                    on_t = points[t][p.groups].score
+                    rows.append({"source": s, "target": t, "k": k, "n_reused": self.L - k, "plan": p.plan,
+                                 "score": on_t, "target_frontier_plan": own.plan, "target_frontier": own.score,
+                                 "gap": round(own.score - on_t, 2), "metric": labels[t]})
+        df = pd.DataFrame(rows)
+        df.to_csv(self.out("transfer.csv"), index=False)
+        cross = df[df.source != df.target]
+        stats = {f"{s}->{t}": {"max_gap": float(x.gap.max()), "mean_gap": round(float(x.gap.mean()), 2)}
+                 for (s, t), x in cross.groupby(["source", "target"])}
+        runner.write_json(self.out("transfer.json"),
+                          {"pair": self.cfg.model_pair.name, "receiver": self.pair.receiver_id["name"],
+                           "sender": self.pair.sender_id["name"], "datasets": names, "granularity": g,
+                           "n_layers": self.L, "command": command(),
+                           "split": self.cfg.split, "gaps": stats,
+                           "max_gap": float(cross.gap.max()) if len(cross) else None,
+                           "mean_gap": round(float(cross.gap.mean()), 2) if len(cross) else None})
+        for key, v in stats.items():
+            print(f"  transfer {key}: frontier gap max {v['max_gap']:.2f}, mean {v['mean_gap']:.2f} points")
+        return df
+
+
+def command() -> str:
+    """The command line that produced a result file (Hydra overrides included)."""
+    import sys
+
+    return " ".join(["python -m ds_study.study", *sys.argv[1:]])
+
+
+# --------------------------------------------------------------------------------------------
+# Groups for the propagation experiment
+
+
+def runs(layers) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive layers: [1, 2, 5] -> [(1, 2), (5, 5)]."""
+    out = []
+    for i in sorted(set(layers)):
+        if out and i == out[-1][1] + 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
+
+
+def critical_groups_layers(layer_scores, critical, top_k: int) -> list[int]:
+    """The critical layers; if they form fewer than 2 separate groups, the most sensitive other layers
+    (lowest single-layer-reuse quality) not adjacent to them are added until there are 2 groups, then
+    any most sensitive layers until there are at least top_k."""
+    layers = sorted(critical)
+    ranked = sorted(range(len(layer_scores)), key=lambda i: (layer_scores[i], i))
+
+    def keeps_apart(i):  # adds a separate group while there are < 2, never merges them back into one
+        n, n_new = len(runs(layers)), len(runs(layers + [i]))
+        return n_new > n if n < 2 else n_new >= 2
+
+    while len(runs(layers)) < 2 or len(layers) < min(top_k, len(layer_scores)):
+        cand = [i for i in ranked if i not in layers and keeps_apart(i)]
+        if not cand:
+            break
+        layers = sorted(layers + [cand[0]])
+    return layers
+
+
+def merge_chain(groups: list[tuple[int, int]]) -> list[tuple[tuple[int, int], ...]]:
+    """From separate groups to one contiguous group, closing the smallest gap first (ties: earliest)."""
+    chain = [tuple(groups)]
+    cur = list(groups)
+    while len(cur) > 1:
+        j = min(range(len(cur) - 1), key=lambda j: (cur[j + 1][0] - cur[j][1], j))
+        cur = cur[:j] + [(cur[j][0], cur[j + 1][1])] + cur[j + 2:]
+        chain.append(tuple(cur))
+    return chain
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(cfg: DictConfig, pair=None) -> dict:
+    jobs = list(cfg.study.jobs)
+    unknown = [j for j in jobs if j not in JOBS]
+    if unknown:
+        raise ValueError(f"unknown study job(s) {unknown}; available: {', '.join(JOBS)}")
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.dataset = None
+    runner.validate(cfg)
+    t0 = time.perf_counter()
+    st = Study(cfg, pair)
+    run = runner.start_run(cfg, "study", runner.task_of(cfg))
+    runner.write_json(run / "env.json", runner.environment(cfg.device))
+    print(f"study {'+'.join(jobs)} on {cfg.model_pair.name} ({st.pair.sender_id['name']} -> "
+          f"{st.pair.receiver_id['name']}), split {cfg.split} -> {st.root}")
+    summary, timings = {"jobs": jobs, "pair": cfg.model_pair.name, "models": st.pair.identities()}, {}
+    for job in jobs:
+        t = time.perf_counter()
+        if job == "quality":
+            summary["quality"] = st.quality()
+        elif job == "sensitivity":
+            summary["sensitivity"] = [st.sensitivity(d) for d in st.datasets(cfg.study.sensitivity.datasets)]
+        elif job == "propagation":
+            summary["propagation"] = [st.propagation(d).to_dict("records")
+                                      for d in st.datasets(cfg.study.propagation.datasets)]
+        elif job == "transfer":
+            summary["transfer"] = st.transfer().to_dict("records")
+        timings[job] = round(time.perf_counter() - t, 1)
+    evs = [c[2] for c in st._ctx.values()]
+    summary.update(seconds=round(time.perf_counter() - t0, 1), job_seconds=timings,
+                   cells_computed=sum(e.n_run for e in evs), cells_reused=sum(e.n_reused for e in evs))
+    runner.write_json(run / "summary.json", summary)
+    print(f"study done in {summary['seconds']} s: {summary['cells_computed']} cells computed, "
+          f"{summary['cells_reused']} reused; results {st.root}, run {run}")
+    return summary
+
+
+@hydra.main(config_path=str(runner.CONF_DIR), config_name="study", version_base="1.3")
+def cli(cfg: DictConfig) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    cli()

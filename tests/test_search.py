@@ -1,0 +1,207 @@
+"""ds_study.search: enumeration, frontier and selection on hand-worked tables, greedy on a synthetic
+oracle, bit-identical shared recomputation, and resuming an interrupted profile."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from ds_study import runner, search
+from ds_study.search import Point, budget_frontier, candidate_groups, critical_layers, frontier, select
+
+# --------------------------------------------------------------------------------------------
+# Enumeration
+
+
+def test_candidate_groups():
+    assert len(candidate_groups(8, 1)) == 36
+    assert candidate_groups(8, 2) == [(0, 1), (0, 3), (0, 5), (0, 7), (2, 3), (2, 5), (2, 7), (4, 5), (4, 7), (6, 7)]
+    assert candidate_groups(5, 2) == [(0, 1), (0, 3), (0, 4), (2, 3), (2, 4), (4, 4)]  # last group clipped
+    assert search.n_exhaustive(8, 1) == 37 and search.n_exhaustive(8, 2) == 11
+    assert search.n_exhaustive(32, 1) == 529 and search.n_exhaustive(32, 2) == 137
+    assert search.plan_of([], 8).name == "full_reuse"
+    assert search.plan_of([(0, 7)], 8).name == "full_prefill"
+    assert search.plan_of([(5, 6), (1, 2)], 8).name == "groups:1-2,5-6"
+
+
+# --------------------------------------------------------------------------------------------
+# Frontier and selection on a hand-worked 4-layer table (full prefill = 40)
+
+TABLE = {(): 10, ((0, 0),): 20, ((1, 1),): 25, ((3, 3),): 25, ((2, 2),): 5,
+         ((0, 1),): 30, ((2, 3),): 30, ((1, 2),): 28,
+         ((0, 2),): 38, ((1, 3),): 40,
+         ((0, 3),): 40}
+
+
+def points(table=TABLE):
+    return [Point(search.plan_of(g, 4).name, g, s) for g, s in table.items()]
+
+
+def test_frontier_best_per_k_with_tie_breaks():
+    f = frontier(points(), 4)
+    # k=1: [1,1] and [3,3] tie at 25 with one transition each -> the earlier group
+    # k=2: [0,1] and [2,3] tie at 30 -> [0,1] needs no E (no transition)
+    assert [p.plan for p in f] == ["full_reuse", "groups:1-1", "groups:0-1", "groups:1-3", "full_prefill"]
+    assert [p.score for p in f] == [10, 25, 30, 40, 40]
+
+
+def test_budget_frontier_is_monotone():
+    t = dict(TABLE)
+    t[((0, 1),)] = t[((2, 3),)] = t[((1, 2),)] = 22  # k=2 now worse than k=1
+    b = budget_frontier(frontier(points(t), 4))
+    assert [p.plan for p in b] == ["full_reuse", "groups:1-1", "groups:1-1", "groups:1-3", "groups:1-3"]
+
+
+def test_select_relative_and_absolute():
+    f = frontier(points(), 4)
+    assert select(f, 40, 0.05).plan == "groups:1-3"  # needs >= 38; k=2 has only 30
+    assert select(f, 40, 0.01).plan == "groups:1-3"  # needs >= 39.6
+    assert select(f, 40, 0.30).plan == "groups:0-1"  # needs >= 28
+    assert select(f, 40, 0.30, "absolute") is not None and select(f, 40, 0.30, "absolute").k == 0  # 40 - 30 = 10
+    assert select(f, 40, 0.11, "absolute").plan == "groups:0-1"  # needs >= 40 - 11 = 29: k=1 has 25
+    with pytest.raises(ValueError):
+        search.threshold(40, 0.05, "percent")
+
+
+def test_select_uses_fewest_layers_not_best_score():
+    t = {(): 0, ((0, 0),): 95, ((0, 1),): 99, ((0, 2),): 97, ((0, 3),): 100}
+    f = frontier(points(t), 4)
+    assert select(f, 100, 0.05).k == 1 and select(f, 100, 0.01).k == 2
+
+
+def test_critical_layers_strictly_more_than_threshold():
+    assert critical_layers([40, 35.9, 36, 20], 40) == [1, 3]  # 36 is exactly a 10% drop: not critical
+    assert critical_layers([40, 35.9, 36, 20], 40, 0.05, "absolute") == [3]  # below 40 - 5 points
+    assert critical_layers([40, 34.9, 36, 20], 40, 0.05, "absolute") == [1, 3]
+
+
+# --------------------------------------------------------------------------------------------
+# Greedy on a synthetic oracle
+
+
+def additive_oracle(weights, calls):
+    """Quality = 100 - sum of the weights of reused layers - 5 per transition."""
+    def score_fn(groups_list):
+        calls.extend(groups_list)
+        out = []
+        for gr in groups_list:
+            rec = {i for a, b in gr for i in range(a, b + 1)}
+            out.append(100 - sum(w for i, w in enumerate(weights) if i not in rec) - 5 * sum(a > 0 for a, _ in gr))
+        return out
+    return score_fn
+
+
+def test_greedy_counts_distinct_evaluations_and_beats_budget():
+    w = [1, 2, 30, 25, 3, 1, 1, 1]
+    calls = []
+    res = search.greedy(8, 1, additive_oracle(w, calls), prior=w)
+    assert res.evaluations == len(set(calls)) == len(calls) <= search.n_exhaustive(8, 1)
+    assert res.evaluations == 9  # full reuse, full prefill, one plan for each of k = 1..7
+    exhaustive = [Point(search.plan_of(g, 8).name, g, additive_oracle(w, [])([g])[0])
+                  for g in [()] + [((a, b),) for a, b in candidate_groups(8, 1)]]
+    table = search.comparison(exhaustive, res.points, 8)
+    assert all(r["diff"] <= 0 for r in table)  # greedy can never beat the exhaustive search over its own space
+    assert table[0]["greedy_plan"] == "full_reuse" and table[8]["greedy"] == 100
+    # with a perfect prior on this oracle the walk [2,2] -> [2,3] -> ... finds the k=2 optimum
+    assert table[2]["greedy_plan"] == "groups:2-3" and table[2]["diff"] == 0
+
+
+def test_greedy_opens_a_second_group_only_where_the_prior_says_it_helps():
+    prior = [10, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 9]
+    two = search.greedy(8, 1, additive_oracle(prior, []), prior, max_groups=2)
+    assert two.points[2].groups == ((0, 0), (7, 7))  # 9 > 1.5 x 0.1: worth a transition
+    assert all(len(p.groups) <= 2 for p in two.points) and two.evaluations == 9
+    one = search.greedy(8, 1, additive_oracle(prior, []), prior, max_groups=1)
+    assert all(len(p.groups) <= 1 for p in one.points)
+    flat = [1, 1, 1, 1, 1, 1, 1, 1.2]  # far granule not better by > 50%: grow contiguously
+    assert all(len(p.groups) <= 1 for p in search.greedy(8, 1, additive_oracle(flat, []), flat, max_groups=2).points)
+    coarse = search.greedy(8, 2, additive_oracle(prior, []), prior, max_groups=1)
+    assert coarse.evaluations == 5 and [p.k for p in coarse.points] == [0, 2, 4, 6, 8]
+
+
+def test_greedy_oracle_caches_repeated_plans():
+    calls = []
+    oracle = search.CountingOracle(additive_oracle([1, 1, 1, 1], calls))
+    oracle([((0, 1),), ((0, 1),)])
+    oracle([((0, 1),), ()])
+    assert oracle.evaluations == 2 and len(calls) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Shared recomputation and resuming, on a tiny checkpoint pair
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tiny_pair import build_tiny_pair, write_dataset
+
+    root = tmp_path_factory.mktemp("tiny")
+    receiver, sender = build_tiny_pair(root)
+    return receiver, sender, write_dataset(root / "data.jsonl", n=3)
+
+
+def test_group_memo_is_bit_identical(tiny):
+    from ds_study.executor import GroupMemo, capture, groups_plan, partial_prefill
+    from ds_study.pair import load_pair
+
+    pair = load_pair(str(tiny[0]), str(tiny[1]))
+    ids = pair.tokenizer.encode("def f(x):\n    return x + 1\n" * 6)
+    sc = capture(pair.sender, ids)
+    memo = GroupMemo(pair.receiver, ids, sc)
+    for a in range(4):
+        for b in range(a, 4):
+            plan = groups_plan([(a, b)], 4)
+            got = partial_prefill(pair.receiver, plan, ids, sc, memo)
+            want = partial_prefill(pair.receiver, plan, ids, sc)
+            assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(got, want))
+
+
+def test_profile_resumes_after_interrupt(tiny, tmp_path, monkeypatch):
+    from tiny_pair import compose, pair_overrides
+
+    from ds_study import profile
+
+    cfg = compose("profile", pair_overrides(tiny[0], tiny[1], tmp_path) + [
+        f"dataset_path={tiny[2]}", f"search.out_root={tmp_path / 'search'}", "threads=1"])
+    real_run, calls = runner.Evaluator.run, []
+
+    def counted(self, plan, ex):
+        calls.append((plan.name, ex.id))
+        if len(calls) == 25 and crash:
+            raise KeyboardInterrupt("injected after 24 finished cells")
+        return real_run(self, plan, ex)
+
+    monkeypatch.setattr(runner.Evaluator, "run", counted)
+    crash = True
+    with pytest.raises(KeyboardInterrupt):
+        profile.main(cfg)
+    first = list(calls)
+    cells_file = next((tmp_path / "cells" / "tinytest").glob("*.jsonl"))
+    assert len(cells_file.read_text().splitlines()) == 24
+    with open(cells_file, "a") as f:
+        f.write('{"plan": "full_reuse", "id": "cut-off by a ki')  # a line half-written when killed
+
+    calls.clear()
+    crash = False
+    summary = profile.main(cfg)
+    # 3 baselines + 4 single-layer + 9 groups (10 at g=1 less [0, 3] = full prefill) = 16 plans x 3 examples
+    total = 3 * (3 + 4 + 9)
+    assert len(calls) == total - 24
+    assert not set(calls) & set(first[:24])  # finished cells were not recomputed
+    res = summary["search"]
+    assert res["comparison"]["exhaustive_evaluations"] == 11
+    assert [s["delta"] for s in res["exhaustive"][1]["selected"]] == [0.05, 0.01]
+    assert len(res["sensitivity"]["layer_scores"]) == 4
+    assert (tmp_path / "search" / "greedy_vs_exhaustive.md").exists()
+
+    calls.clear()
+    profile.main(cfg)  # everything done: a rerun computes nothing
+    assert calls == []
+    lines = cells_file.read_text().splitlines()
+    rows = [json.loads(line) for line in lines if not line.startswith('{"plan": "full_reuse", "id": "cut-off')]
+    assert len(rows) == len(lines) - 1 == total  # every cell once, and the cut-off line stayed alone

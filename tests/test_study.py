@@ -1,0 +1,101 @@
+"""ds_study.study and the figure command: propagation groups by hand, the whole study on a tiny
+checkpoint pair, and figures regenerated from result files alone."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pandas as pd
+import pytest
+
+from ds_study import figures, runner, study
+from ds_study.study import critical_groups_layers, merge_chain, runs
+
+
+def test_runs_and_merge_chain():
+    assert runs([5, 1, 2, 7, 8, 9]) == [(1, 2), (5, 5), (7, 9)]
+    # the paper's example: critical 16-18, 20, 25-27 -> 3 transitions, then 2, then one group
+    assert merge_chain([(16, 18), (20, 20), (25, 27)]) == [
+        ((16, 18), (20, 20), (25, 27)), ((16, 20), (25, 27)), ((16, 27),)]
+    assert merge_chain([(3, 3)]) == [((3, 3),)]
+
+
+def test_critical_groups_layers_needs_two_groups():
+    scores = [50, 10, 12, 45, 30, 48]
+    assert critical_groups_layers(scores, [1, 2, 4], 3) == [1, 2, 4]  # already two groups
+    # one contiguous critical run: add the most sensitive layer not adjacent to it (4, not 0 or 3)
+    assert critical_groups_layers(scores, [1, 2], 3) == [1, 2, 4]
+    assert critical_groups_layers(scores, [], 3) == [1, 2, 4]  # 1, then 4 (2 is adjacent), then 2
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """The whole study and a profile with search on a tiny random pair (2 examples per dataset)."""
+    from tiny_pair import build_tiny_pair, compose, pair_overrides
+
+    from ds_study import profile
+
+    root = tmp_path_factory.mktemp("study")
+    receiver, sender = build_tiny_pair(root)
+    common = pair_overrides(receiver, sender, root) + ["limit=2", "threads=1"]
+    summary = study.main(compose("study", common + [f"study_root={root / 'results' / 'study'}"]))
+    profile.main(compose("profile", common + [f"search.out_root={root / 'results' / 'search'}",
+                                              "search.method=exhaustive", "deviation=false"]))
+    return root, summary
+
+
+def test_study_writes_every_result_file(results):
+    root, summary = results
+    base = root / "results" / "study" / "tinytest"
+    for d in ("pyqa", "pysum", "pycode"):
+        q = json.loads((base / d / "quality.json").read_text())
+        assert set(q["scores"]) == {"full_prefill", "full_reuse", "sender"} and q["n_examples"] == 2
+    sens = pd.read_csv(base / "pyqa" / "sensitivity.csv")
+    assert list(sens.layer) == [0, 1, 2, 3] and {"change_p25", "change_p75", "critical"} <= set(sens.columns)
+    assert len(pd.read_csv(base / "pyqa" / "sensitivity_per_example.csv")) == 4 * 2
+    prop = pd.read_csv(base / "pyqa" / "propagation.csv")
+    assert prop.plan.iloc[0] == "full_reuse" and prop.n_groups.iloc[-1] == 1 and prop.n_groups.iloc[1] >= 2
+    assert (prop.out_err_mean >= 0).all()
+    tr = pd.read_csv(base / "transfer.csv")
+    assert set(tr.source) == set(tr.target) == {"pyqa", "pysum", "pycode"}
+    assert (tr[tr.source == tr.target].gap == 0).all()  # a dataset's own frontier has no gap to itself
+    assert summary["cells_computed"] > 0 and set(summary["job_seconds"]) == set(study.JOBS)
+
+
+def test_study_rerun_computes_nothing(results, monkeypatch):
+    from tiny_pair import compose, pair_overrides
+
+    root, _ = results
+    calls = []
+    real_run = runner.Evaluator.run
+    monkeypatch.setattr(runner.Evaluator, "run", lambda self, p, ex: calls.append(p.name) or real_run(self, p, ex))
+    cfg = compose("study", pair_overrides(root / "receiver", root / "sender", root)
+                  + ["limit=2", f"study_root={root / 'results' / 'study'}"])
+    again = study.main(cfg)
+    assert calls == [] and again["cells_computed"] == 0
+
+
+def test_figures_from_result_files_only(results, tmp_path, monkeypatch):
+    root, _ = results
+
+    def no_models(*a, **k):
+        raise AssertionError("the figure command must not load models")
+
+    monkeypatch.setattr(runner, "load_pair_from", no_models)
+    made = figures.make_all(root / "results", tmp_path / "figs")
+    names = {p.name for p in made}
+    for fig in ("fig6_quality", "fig7_sensitivity", "fig8_spread", "fig10_propagation", "fig11_profile",
+                "fig17_transfer"):
+        assert {f"{fig}.png", f"{fig}.pdf"} <= names
+    src = (tmp_path / "figs" / "FIGURE_SOURCES.md").read_text()
+    assert "study/tinytest/pyqa/sensitivity.json" in src and "python -m ds_study.study" in src
+    assert "search/tinytest/pyqa/search.json" in src and "python -m ds_study.profile" in src
+
+
+def test_figures_report_missing_sources(tmp_path):
+    made = figures.make_all(tmp_path / "empty", tmp_path / "figs")
+    assert made == []
+    assert "fig6_quality (Fig. 6 analogue): not made" in (tmp_path / "figs" / "FIGURE_SOURCES.md").read_text()
