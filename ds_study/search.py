@@ -185,48 +185,81 @@ def unit_runs(units: set[int]) -> list[tuple[int, int]]:
     return out
 
 
+def greedy_evaluations(n_units: int, width: int) -> int:
+    """Most plans the greedy scores: full reuse, full prefill, then up to ``width`` per growth step."""
+    return 2 + width * max(0, n_units - 1)
+
+
+def greedy_width(n_layers: int, g: int, max_fraction: float) -> int:
+    """Widest lookahead (2 or 1) whose evaluations fit within max_fraction of exhaustive profiling."""
+    n_units = math.ceil(n_layers / g)
+    return 2 if greedy_evaluations(n_units, 2) <= max_fraction * n_exhaustive(n_layers, g) else 1
+
+
+def layer_prior(dev_csv: Path, column: str) -> list[float]:
+    """Per-layer sensitivity prior from the deviation profile: bigger means the sender's KV hurts more."""
+    import pandas as pd
+
+    df = pd.read_csv(dev_csv).sort_values("layer")
+    if column == "attn":
+        return list(1 - df["attn_cos"])
+    if column == "kv":
+        return list(df["k_dev"] + df["v_dev"])
+    return list(df[column])
+
+
 def greedy(n_layers: int, g: int, score_fn: Callable[[list[tuple]], list[float]], prior: Sequence[float],
-           max_groups: int = 1, new_group_margin: float = 0.5,
+           width: int = 1, max_groups: int = 1, new_group_margin: float = 0.5,
            name_of: Callable[[tuple], str] | None = None) -> GreedyResult:
-    """Grow the recomputed layers one granule at a time, in the order a free per-layer prior suggests.
+    """Grow the recomputed layers one granule at a time, guided by a free per-layer prior.
 
     ``score_fn`` takes plans (each a tuple of groups) and returns their qualities; ``prior[i]`` is a
     per-layer sensitivity estimate that costs no quality evaluation (from the deviation profile).
     The walk scores full reuse and full prefill, seeds a group at the granule the prior ranks most
-    sensitive, then adds one granule per step, so it scores exactly one plan per recompute count:
-    ceil(L/g) + 1 plans against exhaustive profiling's ~(L/g)^2 / 2. A step extends a group by the
-    adjacent granule of highest prior; it opens a new group instead (at most ``max_groups``) only if
-    a non-adjacent granule's prior beats that by more than ``new_group_margin`` (relative), because
-    every extra group adds a transition point whose sender E carries error forward (paper §4.1).
+    sensitive, then adds one granule per step, so it keeps one plan per recompute count. A step's
+    candidates are the granules adjacent to a group (ranked by prior) and, while there are fewer
+    than ``max_groups`` groups, a far granule, which ranks first only if its prior beats the best
+    adjacent one by more than ``new_group_margin`` (relative): every extra group adds a transition
+    whose sender E carries error forward (paper §4.1). With ``width`` 1 the walk follows the prior
+    alone and is scored in one pass (ceil(L/g) + 1 plans); with ``width`` 2 each step scores the top
+    two candidates and keeps the better one (about twice the plans, still O(L) against O(L^2)).
     """
     oracle = CountingOracle(score_fn)
     name_of = name_of or (lambda gr: plan_of(gr, n_layers).name)
     units = [(a, min(a + g, n_layers) - 1) for a in range(0, n_layers, g)]  # granules [0, g-1], [g, 2g-1], ...
     unit_prior = [sum(prior[a:b + 1]) / (b - a + 1) for a, b in units]
+    full = ((0, n_layers - 1),)
     log: list[str] = []
 
     def plan(chosen: set[int]) -> tuple:
         return tuple((units[lo][0], units[hi][1]) for lo, hi in unit_runs(chosen))
 
-    oracle([(), ((0, n_layers - 1),)])
-    seed = max(range(len(units)), key=lambda i: (unit_prior[i], -i))
-    chosen = {seed}
-    log.append(f"seed {units[seed]} (prior {unit_prior[seed]:.4f})")
-    walk = [(), plan(chosen)]
-    while len(chosen) < len(units):
+    def candidates(chosen: set[int]) -> list[int]:
         free = [u for u in range(len(units)) if u not in chosen]
         adjacent = [u for u in free if u - 1 in chosen or u + 1 in chosen]
         apart = [u for u in free if u not in adjacent and len(unit_runs(chosen | {u})) <= max_groups]
-        best = max(adjacent, key=lambda u: (unit_prior[u], -u)) if adjacent else None
-        far = max(apart, key=lambda u: (unit_prior[u], -u)) if apart else None
-        if far is not None and (best is None or unit_prior[far] > (1 + new_group_margin) * unit_prior[best]):
-            best = far
-            log.append(f"new group at {units[far]} (prior {unit_prior[far]:.4f})")
-        chosen = chosen | {best}
+        ranked = [(unit_prior[u], u) for u in adjacent]
+        if apart:  # a new group must beat extending by the margin
+            far = min(apart, key=lambda u: (-unit_prior[u], u))
+            ranked.append((unit_prior[far] / (1 + new_group_margin), far))
+        return [u for _, u in sorted(ranked, key=lambda t: (-t[0], t[1]))]
+
+    oracle([(), full])
+    chosen: set[int] = set()
+    walk: list[tuple] = []
+    while len(chosen) < len(units) - 1:
+        pool = candidates(chosen) if chosen else sorted(range(len(units)), key=lambda u: (-unit_prior[u], u))
+        options = [chosen | {u} for u in pool[:width]]
+        if width > 1:
+            scores = oracle([plan(c) for c in options])
+            chosen = options[max(range(len(options)), key=lambda i: (scores[i], -i))]
+        else:
+            chosen = options[0]  # the prior alone decides; the walk is scored in one pass below
+        if walk and len(plan(chosen)) > len(walk[-1]):
+            log.append(f"new group: {groups_str(plan(chosen))}")
         walk.append(plan(chosen))
-    oracle(walk[1:-1])  # the last plan of the walk is full prefill, already scored
-    order = [(), *walk[1:-1], ((0, n_layers - 1),)]
-    points = [Point(name_of(gr), gr, oracle.seen[gr]) for gr in dict.fromkeys(order)]
+    oracle(walk)  # plans scored during the walk are not scored again
+    points = [Point(name_of(gr), gr, score) for gr, score in oracle.seen.items()]
     return GreedyResult(points, oracle.evaluations, log)
 
 
@@ -270,18 +303,6 @@ def exhaustive(ev, examples, n_layers: int, granularities: Sequence[int]) -> dic
     rows = evaluate(ev, list(plans.values()), examples, desc=f"exhaustive g={','.join(map(str, granularities))}")
     scores = {gr: quality(rows[plans[gr].name]) for gr in union}
     return {g: [Point(plans[gr].name, gr, scores[gr]) for gr in grids[g]] for g in granularities}
-
-
-def layer_prior(dev_csv: Path, column: str) -> list[float]:
-    """Per-layer sensitivity prior from the deviation profile: bigger means the sender's KV hurts more."""
-    import pandas as pd
-
-    df = pd.read_csv(dev_csv).sort_values("layer")
-    if column == "attn":
-        return list(1 - df["attn_cos"])
-    if column == "kv":
-        return list(df["k_dev"] + df["v_dev"])
-    return list(df[column])
 
 
 def frontier_rows(front, budget) -> list[dict]:
@@ -403,13 +424,15 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
                 per_ex += [{"id": ex.id, **r} for r in deviation.layer_deviation(pair.receiver, r_cache, s_cache)]
             deviation.summarize(per_ex).to_csv(dev_csv, index=False)
         prior = layer_prior(dev_csv, sc.prior)
-        gre = greedy(L, int(sc.greedy_granularity), scorer(ev, examples, L, "greedy"), prior,
+        gg = int(sc.greedy_granularity)
+        width = greedy_width(L, gg, float(sc.max_fraction)) if sc.greedy_width == "auto" else int(sc.greedy_width)
+        gre = greedy(L, gg, scorer(ev, examples, L, "greedy"), prior, width=width,
                      max_groups=int(sc.max_groups), new_group_margin=float(sc.new_group_margin))
         gfront = frontier(gre.points, L)
         gbudget = budget_frontier(gfront)
         pd.DataFrame([{"step": i, **p.row()} for i, p in enumerate(gre.points)]).to_csv(out / "greedy.csv", index=False)
         result["greedy"] = {"evaluations": gre.evaluations, "prior": sc.prior, "prior_values": prior,
-                            "max_groups": int(sc.max_groups), "log": gre.log,
+                            "width": width, "max_groups": int(sc.max_groups), "log": gre.log,
                             "points": [p.row() for p in gre.points],
                             "selected": selections(gbudget, base, sc.deltas, sc.delta_mode)}
 
