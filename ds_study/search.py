@@ -190,10 +190,9 @@ def greedy_evaluations(n_units: int, width: int) -> int:
     return 2 + width * max(0, n_units - 1)
 
 
-def greedy_width(n_layers: int, g: int, max_fraction: float) -> int:
-    """Widest lookahead (2 or 1) whose evaluations fit within max_fraction of exhaustive profiling."""
-    n_units = math.ceil(n_layers / g)
-    return 2 if greedy_evaluations(n_units, 2) <= max_fraction * n_exhaustive(n_layers, g) else 1
+def greedy_budget(n_layers: int, g: int, max_fraction: float) -> int:
+    """Plans the greedy may score: max_fraction of exhaustive profiling, and never fewer than a walk needs."""
+    return max(greedy_evaluations(math.ceil(n_layers / g), 1), math.floor(max_fraction * n_exhaustive(n_layers, g)))
 
 
 def layer_prior(dev_csv: Path, column: str) -> list[float]:
@@ -209,7 +208,7 @@ def layer_prior(dev_csv: Path, column: str) -> list[float]:
 
 
 def greedy(n_layers: int, g: int, score_fn: Callable[[list[tuple]], list[float]], prior: Sequence[float],
-           width: int = 1, max_groups: int = 1, new_group_margin: float = 0.5,
+           width: int = 1, budget: int | None = None, max_groups: int = 1, new_group_margin: float = 0.5,
            name_of: Callable[[tuple], str] | None = None) -> GreedyResult:
     """Grow the recomputed layers one granule at a time, guided by a free per-layer prior.
 
@@ -220,9 +219,11 @@ def greedy(n_layers: int, g: int, score_fn: Callable[[list[tuple]], list[float]]
     candidates are the granules adjacent to a group (ranked by prior) and, while there are fewer
     than ``max_groups`` groups, a far granule, which ranks first only if its prior beats the best
     adjacent one by more than ``new_group_margin`` (relative): every extra group adds a transition
-    whose sender E carries error forward (paper §4.1). With ``width`` 1 the walk follows the prior
-    alone and is scored in one pass (ceil(L/g) + 1 plans); with ``width`` 2 each step scores the top
-    two candidates and keeps the better one (about twice the plans, still O(L) against O(L^2)).
+    whose sender E carries error forward (paper §4.1). With ``width`` 1 a step follows the prior
+    alone (ceil(L/g) + 1 plans in all, scored in one pass at the end); with ``width`` 2 it scores its
+    top two candidates and keeps the better one. With a ``budget`` of plans, steps score two
+    candidates while the budget can still pay one plan for every remaining step, so spare
+    evaluations go to the first, smallest recompute budgets, where groups differ most.
     """
     oracle = CountingOracle(score_fn)
     name_of = name_of or (lambda gr: plan_of(gr, n_layers).name)
@@ -249,12 +250,17 @@ def greedy(n_layers: int, g: int, score_fn: Callable[[list[tuple]], list[float]]
     walk: list[tuple] = []
     while len(chosen) < len(units) - 1:
         pool = candidates(chosen) if chosen else sorted(range(len(units)), key=lambda u: (-unit_prior[u], u))
-        options = [chosen | {u} for u in pool[:width]]
-        if width > 1:
+        steps_left = len(units) - 1 - len(chosen)
+        w = width
+        if budget is not None:  # planned = scored + walk steps not scored yet
+            planned = oracle.evaluations + sum(1 for p in walk if p not in oracle.seen)
+            w = 2 if budget - planned >= steps_left + 1 else 1
+        options = [chosen | {u} for u in pool[:w]]
+        if len(options) > 1:
             scores = oracle([plan(c) for c in options])
             chosen = options[max(range(len(options)), key=lambda i: (scores[i], -i))]
         else:
-            chosen = options[0]  # the prior alone decides; the walk is scored in one pass below
+            chosen = options[0]  # the prior alone decides; scored with the rest of the walk below
         if walk and len(plan(chosen)) > len(walk[-1]):
             log.append(f"new group: {groups_str(plan(chosen))}")
         walk.append(plan(chosen))
@@ -425,14 +431,16 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
             deviation.summarize(per_ex).to_csv(dev_csv, index=False)
         prior = layer_prior(dev_csv, sc.prior)
         gg = int(sc.greedy_granularity)
-        width = greedy_width(L, gg, float(sc.max_fraction)) if sc.greedy_width == "auto" else int(sc.greedy_width)
-        gre = greedy(L, gg, scorer(ev, examples, L, "greedy"), prior, width=width,
+        auto = str(sc.greedy_width) == "auto"
+        width = 2 if auto else int(sc.greedy_width)
+        budget = greedy_budget(L, gg, float(sc.max_fraction)) if auto else None
+        gre = greedy(L, gg, scorer(ev, examples, L, "greedy"), prior, width=width, budget=budget,
                      max_groups=int(sc.max_groups), new_group_margin=float(sc.new_group_margin))
         gfront = frontier(gre.points, L)
         gbudget = budget_frontier(gfront)
         pd.DataFrame([{"step": i, **p.row()} for i, p in enumerate(gre.points)]).to_csv(out / "greedy.csv", index=False)
         result["greedy"] = {"evaluations": gre.evaluations, "prior": sc.prior, "prior_values": prior,
-                            "width": width, "max_groups": int(sc.max_groups), "log": gre.log,
+                            "width": width, "budget": budget, "max_groups": int(sc.max_groups), "log": gre.log,
                             "points": [p.row() for p in gre.points],
                             "selected": selections(gbudget, base, sc.deltas, sc.delta_mode)}
 

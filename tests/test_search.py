@@ -207,9 +207,21 @@ def test_profile_resumes_after_interrupt(tiny, tmp_path, monkeypatch):
     assert len(rows) == len(lines) - 1 == total  # every cell once, and the cut-off line stayed alone
 
 
-def test_greedy_width_fits_the_evaluation_budget():
-    assert search.greedy_width(8, 1, 0.25) == 1  # 2 + 2*7 = 16 plans > 0.25 * 37
-    assert search.greedy_width(32, 1, 0.25) == 2 and search.greedy_width(32, 2, 0.25) == 2  # 64 <= 132, 32 <= 34
+def test_greedy_budget():
+    assert search.greedy_budget(8, 1, 0.25) == 9  # floor(0.25 * 37): exactly one plan per recompute count
+    assert search.greedy_budget(8, 2, 0.25) == 5  # 0.25 * 11 < 5: the walk's minimum
+    assert search.greedy_budget(32, 2, 0.25) == 34
+    w, prior = [5, 1, 1, 30, 2, 20, 1, 1], [0, 0, 0, 1, 2, 1, 0, 0]
+    for budget in (9, 11, 14):
+        calls = []
+        res = search.greedy(8, 1, additive_oracle(w, calls), prior, width=2, budget=budget)
+        assert res.evaluations == len(calls) <= budget and len({p.k for p in res.points}) == 9
+    calls = []
+    search.greedy(8, 1, additive_oracle(w, calls), prior, width=2, budget=9)
+    assert len(calls) == 9 and calls[2:5] == [((4, 4),), ((3, 4),), ((3, 5),)]  # no slack: the prior decides
+
+
+def test_greedy_lookahead_lets_scores_override_the_prior():
     w = [5, 1, 1, 30, 2, 20, 1, 1]
     prior = [0, 0, 0, 1, 2, 1, 0, 0]  # ranks layer 4 first, but layer 3 matters most
     exhaustive = [Point(search.plan_of(g, 8).name, g, additive_oracle(w, [])([g])[0])
