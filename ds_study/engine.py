@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -658,6 +659,8 @@ def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: Laye
     """Recompute the plan's groups (E from ``fetch_e``), then the final pass over all layers, taking
     reused layers' K/V from ``fetch_kv`` as they arrive, then greedy decoding."""
     model = req.model
+    p = next(model.parameters())
+    suffix = torch.tensor([req.suffix_ids], device=p.device)  # staged before any GPU work is queued (see decode)
     own: dict[int, tuple] = {}
     for a, b in plan.groups:
         if (a, b) not in recomputed:
@@ -667,11 +670,10 @@ def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: Laye
             clock.phase = None
         kv = recomputed[(a, b)]
         own.update({i: (kv.k[i], kv.v[i]) for i in range(a, b + 1)})
-    p = next(model.parameters())
     cache = ArrivalCache(model.config, len(req.prefix_ids), lambda i: own[i] if i in own else fetch_kv(i),
                          p.dtype, p.device)
     clock.phase = "final"
-    out = decode(model, [], req.suffix_ids, req.max_new_tokens, req.eos_token_id, cache=cache)
+    out = decode(model, [], suffix, req.max_new_tokens, req.eos_token_id, cache=cache)
     clock.phase = None
     return out
 
@@ -810,14 +812,27 @@ class Engine:
     On CUDA (``device="cuda"``) the loader issues its copies on a side stream from the store's
     (pinned) host memory and each arrival carries a CUDA event the compute stream waits on.
     ``verify=False`` skips the in-flight checksum, which on a GPU link would run at hashing speed
-    rather than copy speed.
+    rather than copy speed. ``gil_switch_s``: Python's thread switch interval during a run. The
+    compute thread holds the GIL while it issues kernels, so with the default 5 ms a loader thread
+    whose chunk is due waits up to 5 ms to issue it; a short interval keeps the link on schedule.
     """
 
-    def __init__(self, store: KVStore, link: Link, timeout_s: float = 30.0, device=None, verify: bool = True):
+    def __init__(self, store: KVStore, link: Link, timeout_s: float = 30.0, device=None, verify: bool = True,
+                 gil_switch_s: float | None = 2e-4):
         self.store, self.link, self.timeout_s, self.verify = store, link, timeout_s, verify
         self.device = torch.device(device) if device is not None else None
+        self.gil_switch_s = gil_switch_s
 
     def run(self, requests: list[Request], strategy: str) -> list[RequestResult]:
+        previous = sys.getswitchinterval()
+        if self.gil_switch_s:
+            sys.setswitchinterval(self.gil_switch_s)
+        try:
+            return self._run(requests, strategy)
+        finally:
+            sys.setswitchinterval(previous)
+
+    def _run(self, requests: list[Request], strategy: str) -> list[RequestResult]:
         checked = []
         for req in requests:  # every request is validated before anything moves
             check_supported(req.model)

@@ -382,15 +382,20 @@ class Decoded:
 
 
 @torch.no_grad()
-def decode(model, layers: list[tuple], suffix_ids: list[int], max_new_tokens: int,
+def decode(model, layers: list[tuple], suffix_ids, max_new_tokens: int,
            eos_token_id: int | None = None, cache=None) -> Decoded:
-    """Run the suffix through every layer against the context's K/V, then greedy decoding."""
+    """Run the suffix through every layer against the context's K/V, then greedy decoding.
+
+    ``suffix_ids``: token ids, or a (1, n) tensor already on the device. Staging it early matters on
+    CUDA: building it here from a Python list is a blocking copy that waits for all queued GPU work,
+    which would stop the host from issuing the suffix pass while a recompute group still runs."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     if cache is None:
         cache = DynamicCache(ddp_cache_data=[(k.to(device), v.to(device)) for k, v in layers], config=model.config)
-    out = model.model(input_ids=torch.tensor([suffix_ids], device=device), cache=cache, use_cache=True)
+    ids = suffix_ids if torch.is_tensor(suffix_ids) else torch.tensor([suffix_ids], device=device)
+    out = model.model(input_ids=ids, cache=cache, use_cache=True)
     hidden = out.last_hidden_state[0]
     logits = model.lm_head(hidden[-1:])[0]
     first, generated = logits, []

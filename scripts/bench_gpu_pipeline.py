@@ -116,6 +116,34 @@ def h2d_bandwidth(device, nbytes: int, reps: int) -> float | None:
     return nbytes / statistics.median(ts)
 
 
+def sync_points(fn, device) -> list[str]:
+    """Where ``fn`` makes the host wait for the GPU (torch's sync debug mode), with the calling lines.
+
+    A host wait in the middle of a request stops the host from issuing the next kernels while the
+    GPU drains its queue; the only intended one is at the first token (its logits must exist)."""
+    if device.type != "cuda":
+        return []
+    import traceback
+    import warnings
+
+    found: list[str] = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/ds_study/" in f.filename or "bench_gpu" in f.filename]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))
+        found.append(f"{str(message).splitlines()[0][:80]} @ {where}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return found
+
+
 def measured(fn, reps: int) -> float:
     """Median of ``reps`` calls after one warm-up call (each call times itself)."""
     return statistics.median([fn() for _ in range(reps + 1)][1:])
@@ -161,6 +189,11 @@ def bench_context(model, prefix: list[int], suffix: list[int], plan: str, args, 
     full = measured(lambda: engine_run("full_prefill", Link()).ttft, args.reps)
     comp = measured(compute_only, args.reps)
     ref_tok = one_pass()
+    if args.sync_debug:
+        for name, fn in (("compute_only", compute_only), ("pipelined_host", lambda: engine_run("pipelined", Link(None, 0.0, 1 << 40)))):
+            pts = sync_points(fn, device)
+            emit({"bench": "gpu_pipeline", "event": "sync_points", "tokens": T, "run": name, "points": pts})
+            log(f"# host waits in {name} (T={T}): " + ("; ".join(pts) or "none"))
     on_dev.clear()
     records = []
     for spec in args.links.split(","):
@@ -203,6 +236,7 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--h2d-mb", type=int, default=1024)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--sync-debug", action="store_true", help="list where a request makes the host wait for the GPU")
     p.add_argument("--out", default="results/engine/gpu_pipeline.json")
     args = p.parse_args(argv)
     if args.threads:
