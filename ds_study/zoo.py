@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import json
 import math
+import os
 import platform
 import random
 import shutil
@@ -153,6 +154,29 @@ def _mean_loss(model, batch_list) -> float:
     return sum(vals) / len(vals)
 
 
+def with_repeated_spans(x: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """In about ``fraction`` of the rows, overwrite a later span with a copy of an earlier span.
+
+    Every task here needs in-context lookup (copy a signature from a passage, an identifier from
+    earlier code), which a tiny model trained on a few million tokens of natural text does not
+    learn: those repeats are rare. Rows with a repeated span (16 to seq_len/4 tokens) make copying
+    pay off in every batch, so induction heads form within the pretraining budget (cf. Olsson et
+    al. 2022, "In-context learning and induction heads"). The rest of the row stays natural text.
+    """
+    if not fraction:
+        return x
+    x = x.clone()
+    n = x.shape[1]
+    for r in range(x.shape[0]):
+        hit = torch.rand((), generator=gen).item() < fraction
+        m = int(torch.randint(16, max(17, n // 4 + 1), (), generator=gen))
+        src = int(torch.randint(0, n - 2 * m + 1, (), generator=gen))
+        dst = int(torch.randint(src + m, n - m + 1, (), generator=gen))
+        if hit:
+            x[r, dst:dst + m] = x[r, src:src + m]
+    return x
+
+
 def pretrain(cfg: DictConfig, tokenizer, text: str, device: str):
     """Next-token pretraining on packed corpus chunks; the last chunks are held out for validation."""
     from transformers import LlamaForCausalLM
@@ -169,7 +193,8 @@ def pretrain(cfg: DictConfig, tokenizer, text: str, device: str):
 
     def batches(step):
         starts = torch.randint(0, len(train) - p.seq_len, (p.batch_size,), generator=gen)
-        x = torch.stack([train[s:s + p.seq_len] for s in starts]).to(device)
+        x = torch.stack([train[s:s + p.seq_len] for s in starts])
+        x = with_repeated_spans(x, p.get("copy_fraction", 0.0), gen).to(device)
         return x, x, None
 
     val_batches = [(b.to(device), b.to(device), None)
@@ -189,7 +214,7 @@ def context_questions(task_name: str, record: dict) -> list[tuple[str, str]]:
 
     if task_name == "pyqa":
         return [(f"What is the signature of the function {name}?", f"{name}({params})")
-                for name, params in re.findall(r"^Signature: (\w+)\((.*)\)$", record["context"], re.M)]
+                for name, params in re.findall(SIGNATURE_LINE, record["context"], re.M)]
     if task_name == "pysum":
         try:
             tree = ast.parse(record["context"])
@@ -205,16 +230,45 @@ def context_questions(task_name: str, record: dict) -> list[tuple[str, str]]:
     return []
 
 
+SIGNATURE_LINE = r"^Signature: (\w+)\((.*)\)$"
+
+
+def with_swapped_params(record: dict, rng: random.Random, param_lists: list[str]) -> dict:
+    """A pyqa record whose every passage signature carries another function's parameter list.
+
+    Real stdlib functions recur across training contexts, so a small model can answer a signature
+    question from memory of the training set instead of reading the passage, and then fails on
+    the test pool's unseen functions. Giving each training context's functions random (real)
+    parameter lists, with the answer following the passage, removes that shortcut: only reading
+    the passage predicts the answer. Names and passages stay real text.
+    """
+    import re
+
+    swapped: dict[str, str] = {}
+
+    def sub(m):
+        swapped[m.group(1)] = rng.choice(param_lists)
+        return f"Signature: {m.group(1)}({swapped[m.group(1)]})"
+
+    context = re.sub(SIGNATURE_LINE, sub, record["context"], flags=re.M)
+    name = record["answers"][0].split("(", 1)[0]
+    if name not in swapped:
+        return record
+    return {**record, "context": context, "answers": [f"{name}({swapped[name]})"]}
+
+
 def finetune_examples(tokenizer, task_name: str, split: str, max_length: int, pack: int = 1, seed: int = 0,
-                      loss_on: str = "answer"):
+                      loss_on: str = "answer", swap_params: float = 0.0):
     """(input_ids, labels) per record: the evaluation prompt, the answer and EOS (answer-only loss).
 
     With ``pack > 1`` the same context is followed by up to ``pack - 1`` further questions about it
     (suffix, answer, EOS each): the first question is exactly the evaluation format, and each extra
     one adds supervised tokens for the price of a few more positions instead of a whole context.
     ``loss_on="all"`` also trains on the prompt tokens (continued pretraining on the task's text,
-    as code models are fine-tuned on whole files).
+    as code models are fine-tuned on whole files). ``swap_params``: fraction of pyqa records given
+    swapped parameter lists (see with_swapped_params).
     """
+    import re
     from ds_study.data import TASKS, build_prompt, load_records
 
     task = TASKS[task_name]
@@ -224,8 +278,13 @@ def finetune_examples(tokenizer, task_name: str, split: str, max_length: int, pa
                         add_special_tokens=False)["input_ids"][: task.max_new_tokens - 1]
         return ids + [tokenizer.eos_token_id]
 
+    records = load_records(task_name, split)
+    param_lists = sorted({p for r in records for _, p in re.findall(SIGNATURE_LINE, r["context"], re.M)})
+    swap_rng = random.Random(seed + 7)
     out = []
-    for k, rec in enumerate(load_records(task_name, split)):
+    for k, rec in enumerate(records):
+        if task_name == "pyqa" and swap_params and swap_rng.random() < swap_params:
+            rec = with_swapped_params(rec, swap_rng, param_lists)
         prompt = build_prompt(rec, task, tokenizer, max_length)
         ans = answer_ids(rec["answers"][0])
         ids, labels = prompt.input_ids + ans, [-100] * len(prompt.input_ids) + ans
@@ -268,7 +327,7 @@ def finetune(cfg: DictConfig, name: str, base_dir: Path, tokenizer, device: str)
     if v.get("loss_on", "answer") not in ("answer", "all"):
         raise ValueError(f"variant {name}: loss_on must be 'answer' or 'all', got {v.loss_on!r}")
     train = finetune_examples(tokenizer, v.task, "train", cfg.finetune_max_length, cfg.finetune_pack, cfg.seed,
-                              v.get("loss_on", "answer"))
+                              v.get("loss_on", "answer"), v.get("swap_params", 0.0))
     val = finetune_examples(tokenizer, v.task, "profile", cfg.finetune_max_length)[: cfg.finetune_val_examples]
     order = random.Random(cfg.seed + list(cfg.variants).index(name)).sample(range(len(train)), len(train))
     pad = tokenizer.pad_token_id
@@ -279,7 +338,9 @@ def finetune(cfg: DictConfig, name: str, base_dir: Path, tokenizer, device: str)
 
     losses = _train(model, batches, v.steps, v.lr, max(1, v.steps // 10), 0.0, f"finetune {name} ({v.method})")
     val_batches = [collate(val[k:k + 8], pad, device) for k in range(0, len(val), 8)]
-    stats = {"task": v.task, "method": v.method, "examples_seen": v.steps * v.batch_size,
+    padded = sum(v.batch_size * max(len(train[order[(st * v.batch_size + k) % len(order)]][0]) for k in range(v.batch_size))
+                 for st in range(v.steps))  # positions computed, padding included
+    stats = {"task": v.task, "method": v.method, "examples_seen": v.steps * v.batch_size, "train_positions": padded,
              "final_train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "val_loss": round(_mean_loss(model, val_batches), 4)}
     if v.method == "lora":
         model = model.merge_and_unload()
@@ -297,6 +358,7 @@ def _save(model, tokenizer, path: Path) -> None:
 
 
 BASE_RECIPE_KEYS = ("seed", "threads", "tokenizer", "model", "pretrain")
+_TOKENIZERS: dict[str, object] = {}
 
 
 def reusable_base(cfg: DictConfig, out: Path) -> dict | None:
@@ -323,7 +385,10 @@ def build(cfg: DictConfig, out: Path) -> dict:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(True)
+    if str(cfg.device).startswith("cuda"):  # cuBLAS needs this for determinism; some CUDA kernels only warn
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.use_deterministic_algorithms(True, warn_only=str(cfg.device).startswith("cuda"))
     previous = reusable_base(cfg, out)
     if previous is None and out.exists():
         shutil.rmtree(out)
@@ -344,7 +409,10 @@ def build(cfg: DictConfig, out: Path) -> dict:
             text = f.read()
         instructions = [TASKS[t].prefix_template + TASKS[t].suffix_template for t in ("pyqa", "pysum", "pycode")]
         task_texts = [r["input"] + "\n" + r["answers"][0] for t in ("pyqa", "pysum") for r in load_records(t, "train")]
-        tokenizer = train_tokenizer(cfg, [text] + instructions * 50 + task_texts)
+        key = json.dumps([cfg.seed, OmegaConf.to_container(cfg.tokenizer)])
+        if key not in _TOKENIZERS:  # deterministic; kept for recipe sweeps that build several families
+            _TOKENIZERS[key] = train_tokenizer(cfg, [text] + instructions * 50 + task_texts)
+        tokenizer = _TOKENIZERS[key]
         base, base_stats = pretrain(cfg, tokenizer, text, cfg.device)
         _save(base, tokenizer, out / "base")
         timings["base"] = round(time.time() - t0, 1)
