@@ -74,8 +74,9 @@ def receiver_layers(cfg: DictConfig) -> int:
 
 
 def load_pair_from(cfg: DictConfig) -> ModelPair:
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    threads = cfg.get("threads") or (1 if (cfg.get("workers") or 1) > 1 else None)  # workers share the cores
+    if threads:
+        torch.set_num_threads(int(threads))
     mp = cfg.model_pair
     return load_pair(mp.receiver, mp.sender, dtype=cfg.dtype, device=cfg.device)
 
@@ -120,27 +121,37 @@ class CellStore:
         self.path = Path(root) / f"{task.name}_{split}_{key}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.cells: dict[tuple[str, str], dict] = {}
-        if self.path.exists():
-            text = self.path.read_text()
-            for line in text.splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a cell cut off by a kill: redo it
-                    continue
-                self.cells[(row["plan"], row["id"])] = row
-            if text and not text.endswith("\n"):  # end the cut-off line, or the next cell would join it
-                with open(self.path, "a") as f:
-                    f.write("\n")
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the file again (other processes may have appended cells)."""
+        if not self.path.exists():
+            return
+        text = self.path.read_text()
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a cell cut off by a kill: redo it
+                continue
+            self.cells[(row["plan"], row["id"])] = row
+        if text and not text.endswith("\n"):  # end the cut-off line, or the next cell would join it
+            self._append("\n")
 
     def get(self, plan: str, example_id: str) -> dict | None:
         return self.cells.get((plan, example_id))
 
     def add(self, row: dict) -> None:
         self.cells[(row["plan"], row["id"])] = row
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._append(json.dumps(row) + "\n")
+
+    def _append(self, text: str) -> None:
+        # one write() on an O_APPEND descriptor: lines of concurrent worker processes never interleave
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class Evaluator:
@@ -152,8 +163,10 @@ class Evaluator:
     (GroupMemo). ``n_run`` and ``n_reused`` count cells computed and cells found in the store.
     """
 
-    def __init__(self, pair: ModelPair, task: data.TaskSpec, store: CellStore | None = None, keep: int = 1):
+    def __init__(self, pair: ModelPair, task: data.TaskSpec, store: CellStore | None = None, keep: int = 1,
+                 workers: int = 1, worker_cfg: DictConfig | None = None):
         self.pair, self.task, self.store, self.keep = pair, task, store, max(1, int(keep))
+        self.workers, self.worker_cfg = max(1, int(workers or 1)), worker_cfg
         self._entries: OrderedDict[str, dict] = OrderedDict()  # example id -> sender/receiver/ref/memo
         self.n_run = self.n_reused = 0
 
@@ -219,6 +232,57 @@ class Evaluator:
         if self.store is not None:
             self.store.add(row)
         return row
+
+
+    def missing(self, plan: Plan, ex: Example, out_err: bool = False) -> bool:
+        row = self.store.get(plan.name, ex.id) if self.store is not None else None
+        return row is None or (out_err and "out_err" not in row)
+
+    def fill(self, plans: list[Plan], examples: list[Example], out_err: bool = False, min_cells: int = 40) -> None:
+        """Compute the missing cells of plans x examples with ``workers`` processes sharing the cell file.
+
+        Examples are split between this process and ``workers - 1`` spawned ones (each loads the pair
+        from ``worker_cfg`` and captures its own examples' caches once); afterwards every cell is in
+        the store, so the caller's ordinary loop only reads. Results do not depend on ``workers``.
+        """
+        todo = [ex for ex in examples if any(self.missing(p, ex, out_err) for p in plans)]
+        n_cells = sum(self.missing(p, ex, out_err) for ex in todo for p in plans)
+        if self.workers <= 1 or self.store is None or self.worker_cfg is None or n_cells < min_cells:
+            return
+        import multiprocessing
+
+        shards = [todo[i::self.workers] for i in range(self.workers)]
+        cfg = OmegaConf.to_container(self.worker_cfg, resolve=True)
+        pool = multiprocessing.get_context("spawn").Pool(self.workers - 1)
+        try:
+            jobs = [pool.apply_async(fill_cells, (cfg, str(self.store.path.parent), plans, [ex.id for ex in shard],
+                                                  out_err))
+                    for shard in shards[1:] if shard]
+            for ex in shards[0]:
+                for p in plans:
+                    self.cell(p, ex, out_err)
+            self.n_run += sum(j.get() for j in jobs)
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.close()  # workers exit on their own once idle
+            pool.join()
+        self.store.reload()
+
+
+def fill_cells(cfg: dict, cells_dir: str, plans: list[Plan], example_ids: list[str], out_err: bool) -> int:
+    """A worker process of Evaluator.fill: compute these cells into the pair's cell file in ``cells_dir``."""
+    cfg = OmegaConf.create(cfg)
+    task = task_of(cfg)
+    pair = load_pair_from(cfg)
+    wanted = set(example_ids)
+    examples = prepare(pair, task, [r for r in records_of(cfg, task) if r["_id"] in wanted], cfg.max_length)
+    ev = Evaluator(pair, task, CellStore(Path(cells_dir), pair, task, cfg.split, cfg.max_length))
+    for ex in examples:
+        for p in plans:
+            ev.cell(p, ex, out_err)
+    return ev.n_run
 
 
 def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:

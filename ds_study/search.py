@@ -278,6 +278,7 @@ def evaluate(ev, plans: Sequence[Plan], examples, desc: str = "", out_err: bool 
     plans of one context share recomputed layers. Finished cells come from the cell file."""
     from tqdm import tqdm
 
+    ev.fill(list(plans), list(examples), out_err)  # with workers > 1: compute missing cells in parallel first
     rows: dict[str, list[dict]] = {p.name: [] for p in plans}
     for ex in tqdm(examples, desc=desc or "cells", dynamic_ncols=True, leave=False):
         for p in plans:
@@ -337,14 +338,26 @@ def comparison(exh: list[Point], gre: list[Point], n_layers: int) -> list[dict]:
              "diff": round(g.score - e.score, 2)} for k, (e, g) in enumerate(zip(eb, gb))]
 
 
+def paired_se(ev, plan_a: str, plan_b: str, examples) -> float:
+    """Standard error (quality points) of the mean per-example difference between two scored plans:
+    how far apart two profiled qualities can be by the choice of examples alone."""
+    if plan_a == plan_b:
+        return 0.0
+    d = [100 * (ev.store.get(plan_a, ex.id)["score"] - ev.store.get(plan_b, ex.id)["score"]) for ex in examples]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1)
+    return round(math.sqrt(var / len(d)), 2)
+
+
 def write_comparison_md(out_root: Path) -> Path:
     """Gather every pair's greedy_vs_exhaustive_<pair>.csv into one markdown table."""
     import pandas as pd
 
     lines = ["# Greedy vs exhaustive profiling", "",
              "Best quality with at most k recomputed layers on each pair's 50-example profiling split; "
-             "`diff` = greedy - exhaustive (quality points). Evaluations count distinct plans, each "
-             "scored on every profiling example.", ""]
+             "`diff` = greedy - exhaustive (quality points); `SE` = standard error of that difference "
+             "over the examples (paired), i.e. how large a gap the choice of 50 examples alone produces. "
+             "Evaluations count distinct plans, each scored on every profiling example.", ""]
     for csv in sorted(Path(out_root).glob("greedy_vs_exhaustive_*.csv")):
         meta = json.loads(csv.with_suffix(".json").read_text()) if csv.with_suffix(".json").exists() else {}
         df = pd.read_csv(csv)
@@ -353,10 +366,11 @@ def write_comparison_md(out_root: Path) -> Path:
                   f"Evaluations: greedy {meta.get('greedy_evaluations')} vs exhaustive "
                   f"{meta.get('exhaustive_evaluations')} ({meta.get('evaluation_ratio', float('nan')):.0%}); "
                   f"largest shortfall {meta.get('max_shortfall')} points. Command: `{meta.get('command', '')}`", "",
-                  "| k | exhaustive plan | exhaustive | greedy plan | greedy | diff |", "|---|---|---|---|---|---|"]
+                  "| k | exhaustive plan | exhaustive | greedy plan | greedy | diff | SE |",
+                  "|---|---|---|---|---|---|---|"]
         for r in df.itertuples():
             lines.append(f"| {r.k} | {r.exhaustive_plan} | {r.exhaustive:.2f} | {r.greedy_plan} | {r.greedy:.2f} | "
-                         f"{r.diff:+.2f} |")
+                         f"{r.diff:+.2f} | {getattr(r, 'se', float('nan')):.2f} |")
         lines.append("")
     path = Path(out_root) / "greedy_vs_exhaustive.md"
     path.write_text("\n".join(lines))
@@ -448,6 +462,8 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
         g = int(sc.greedy_granularity)
         pts = exh[g] if g in exh else exhaustive(ev, examples, L, [g])[g]
         table = comparison(pts, gre.points, L)
+        for r in table:
+            r["se"] = paired_se(ev, r["exhaustive_plan"], r["greedy_plan"], examples)
         n_ex = n_exhaustive(L, g)
         meta = {"pair": cfg.model_pair.name, "receiver": pair.receiver_id["name"], "sender": pair.sender_id["name"],
                 "dataset": task.name, "split": cfg.split, "metric": label, "granularity": g,
@@ -461,10 +477,10 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
         result["comparison"] = {**meta, "table": table, "markdown": str(md)}
         print(f"\ngreedy vs exhaustive (g={g}): {gre.evaluations} vs {n_ex} plans evaluated "
               f"({meta['evaluation_ratio']:.0%}); largest shortfall {meta['max_shortfall']} points")
-        print(f"  {'k':>3}  {'exhaustive':<24}{'score':>8}  {'greedy':<24}{'score':>8}{'diff':>8}")
+        print(f"  {'k':>3}  {'exhaustive':<24}{'score':>8}  {'greedy':<24}{'score':>8}{'diff':>8}{'SE':>7}")
         for r in table:
             print(f"  {r['k']:>3}  {r['exhaustive_plan']:<24}{r['exhaustive']:>8.2f}  {r['greedy_plan']:<24}"
-                  f"{r['greedy']:>8.2f}{r['diff']:>+8.2f}")
+                  f"{r['greedy']:>8.2f}{r['diff']:>+8.2f}{r['se']:>7.2f}")
 
     result["cells_computed"] = ev.n_run - n0
     print(f"\nselected recompute plans ({sc.delta_mode} delta, full prefill {base:.2f} {label}):")

@@ -232,3 +232,26 @@ def test_greedy_lookahead_lets_scores_override_the_prior():
     assert search.comparison(exhaustive, wide.points, 8)[1]["greedy_plan"] == "groups:3-3"  # scoring overrode the prior
     narrow = search.greedy(8, 1, additive_oracle(w, []), prior, width=1)
     assert search.comparison(exhaustive, narrow.points, 8)[1]["greedy_plan"] == "full_reuse"  # [4, 4] scores 36 < 39 (full reuse)
+
+
+def test_parallel_workers_give_the_same_cells(tiny, tmp_path):
+    from tiny_pair import compose, pair_overrides
+
+    results = {}
+    for workers in (1, 2):
+        cfg = compose("profile", pair_overrides(tiny[0], tiny[1], tmp_path / f"w{workers}") + [
+            f"dataset_path={tiny[2]}", f"workers={workers}", "threads=1"])
+        task = runner.validate(cfg)
+        pair = runner.load_pair_from(cfg)
+        examples = runner.prepare(pair, task, runner.records_of(cfg, task), cfg.max_length)
+        store = runner.CellStore(tmp_path / f"w{workers}" / "cells", pair, task, cfg.split, cfg.max_length)
+        ev = runner.Evaluator(pair, task, store, workers=workers, worker_cfg=cfg)
+        ev.fill([search.plan_of([(1, 2)], 4), search.plan_of([], 4)], examples, min_cells=1)
+        assert ev.n_run == len(store.cells) == (6 if workers == 2 else 0)  # one process: fill leaves it to the loop
+        points = search.exhaustive(ev, examples, 4, [2])[2]
+        results[workers] = ({p.plan: p.score for p in points},
+                            {k: (r["prediction"], r["score"]) for k, r in store.cells.items()})
+    assert results[1][0] == results[2][0]
+    cells1, cells2 = results[1][1], results[2][1]
+    assert set(cells2) - set(cells1) == {("groups:1-2", f"pyqa-profile-0000{i}") for i in range(3)}
+    assert all(cells1[k] == cells2[k] for k in cells1)
