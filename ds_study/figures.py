@@ -214,6 +214,18 @@ FIGURES = (  # name, paper figure, glob under the results root, plotter, what it
 )
 
 
+ENGINE_FIGURES = (  # name, paper figure, result file, command that measured it, what it shows
+    ("fig13_timeline", "Fig. 13", "engine/fig13_timeline.json", "python scripts/bench_ttft.py timeline --reps 5",
+     "two receivers under strategies (a), (b), (c): unit-cost schedule and measured timeline"),
+    ("fig14_ttft_quality", "Fig. 14", "engine/ttft_quality.json",
+     "python scripts/bench_ttft.py quality --examples 8 --reps 5",
+     "TTFT vs quality per strategy and plan on CPU, with the bound max(compute, load)"),
+    ("fig20_bandwidth", "Fig. 20", "engine/ttft_bandwidth.json",
+     "python scripts/bench_ttft.py bandwidth --examples 3 --reps 5",
+     "TTFT vs link bandwidth for (a), (b), (c) and full prefill on CPU"),
+)
+
+
 def _commands(files: list[Path]) -> list[str]:
     import json
 
@@ -249,6 +261,11 @@ def make_all(results: Path = Path("results"), out: Path = Path("paper_figures"),
                   "Files: " + ", ".join(f"`{p.name}`" for p in paths), "", "Result files:", ""]
         lines += [f"- `{f.relative_to(results.parent) if results.is_absolute() is False else f}`" for f in files]
         lines += ["", "Made by:", ""] + [f"    {c}" for c in _commands(files)] + [""]
+    for name, paper, result, cmd, what in ENGINE_FIGURES:  # drawn by the engine benchmark from its result files
+        if (results / result).exists():
+            lines += [f"## {name} ({paper} analogue)", "", what + ".", "",
+                      f"Files: `{name}.png`, `{name}.pdf`, drawn from `results/{result}` by", "",
+                      "    python scripts/bench_ttft.py figures", "", "Result file made by:", "", f"    {cmd}", ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "FIGURE_SOURCES.md").write_text("\n".join(lines))
     return made
