@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> dict:
     run = runner.start_run(cfg, "profile", task)
     runner.write_json(run / "env.json", runner.environment(cfg.device))
     store = runner.CellStore(runner.Path(cfg.cells_root) / cfg.model_pair.name, pair, task, cfg.split, cfg.max_length)
-    ev = runner.Evaluator(pair, task, store, workers=cfg.get("workers", 1), worker_cfg=cfg)
+    ev = runner.Evaluator(pair, task, store, workers=runner.workers_of(cfg), worker_cfg=cfg)
     print(f"profiling {cfg.model_pair.name} ({pair.sender_id['name']} -> {pair.receiver_id['name']}) on "
           f"{task.name}/{cfg.split}: {len(examples)} examples, {pair.n_layers} layers -> {run}")
 

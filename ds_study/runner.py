@@ -73,8 +73,21 @@ def receiver_layers(cfg: DictConfig) -> int:
     return shape_of(AutoConfig.from_pretrained(resolve(cfg.model_pair.receiver)))["num_hidden_layers"]
 
 
+def workers_of(cfg: DictConfig) -> int:
+    """Processes that evaluate cells: ``workers`` as given, or ``auto``: one per CPU core (at most 4)
+    on CPU, where small models run better as single-threaded processes than as one multi-threaded
+    one, and 1 on an accelerator."""
+    w = cfg.get("workers") or 1
+    if str(w) == "auto":
+        return max(1, min(4, os.cpu_count() or 1)) if str(cfg.get("device", "cpu")) == "cpu" else 1
+    try:
+        return max(1, int(w))
+    except ValueError:
+        raise ValueError(f"workers must be a positive integer or 'auto', got {w!r}") from None
+
+
 def load_pair_from(cfg: DictConfig) -> ModelPair:
-    threads = cfg.get("threads") or (1 if (cfg.get("workers") or 1) > 1 else None)  # workers share the cores
+    threads = cfg.get("threads") or (1 if workers_of(cfg) > 1 else None)  # workers share the cores
     if threads:
         torch.set_num_threads(int(threads))
     mp = cfg.model_pair

@@ -349,6 +349,35 @@ def paired_se(ev, plan_a: str, plan_b: str, examples) -> float:
     return round(math.sqrt(var / len(d)), 2)
 
 
+def holdout_check(cfg, pair, task, table: list[dict], points: dict, n_layers: int) -> dict:
+    """Score every plan of the comparison table on a held-out split and add its columns to ``table``.
+
+    Both frontiers are picked on the same 50 profiling examples, and the exhaustive one keeps the
+    best of many noisy estimates, so its profiled qualities are biased upward (the winner's curse);
+    the greedy scores fewer plans and is less biased. Scoring the chosen plans on examples neither
+    search saw says whether a shortfall is real.
+    """
+    from omegaconf import OmegaConf
+
+    from ds_study import runner
+
+    sc = cfg.search
+    hcfg = OmegaConf.merge(cfg, {"split": sc.holdout_split, "limit": sc.get("holdout_limit")})
+    examples = runner.prepare(pair, task, runner.records_of(hcfg, task), cfg.max_length)
+    store = runner.CellStore(Path(cfg.cells_root) / cfg.model_pair.name, pair, task, sc.holdout_split, cfg.max_length)
+    ev = runner.Evaluator(pair, task, store, workers=runner.workers_of(cfg), worker_cfg=hcfg)
+    names = sorted({r[c] for r in table for c in ("exhaustive_plan", "greedy_plan")})
+    plans = [plan_of(points[n].groups, n_layers) for n in names]
+    rows = evaluate(ev, plans, examples, f"held-out ({sc.holdout_split})")
+    score = {n: quality(rows[p.name]) for n, p in zip(names, plans)}
+    for r in table:
+        r["exhaustive_holdout"], r["greedy_holdout"] = score[r["exhaustive_plan"]], score[r["greedy_plan"]]
+        r["diff_holdout"] = round(r["greedy_holdout"] - r["exhaustive_holdout"], 2)
+        r["se_holdout"] = paired_se(ev, plans[names.index(r["exhaustive_plan"])].name,
+                                    plans[names.index(r["greedy_plan"])].name, examples)
+    return {"split": sc.holdout_split, "n_examples": len(examples), "plans": len(plans)}
+
+
 def write_comparison_md(out_root: Path) -> Path:
     """Gather every pair's greedy_vs_exhaustive_<pair>.csv into one markdown table."""
     import pandas as pd
@@ -357,6 +386,7 @@ def write_comparison_md(out_root: Path) -> Path:
              "Best quality with at most k recomputed layers on each pair's 50-example profiling split; "
              "`diff` = greedy - exhaustive (quality points); `SE` = standard error of that difference "
              "over the examples (paired), i.e. how large a gap the choice of 50 examples alone produces. "
+             "Held-out columns score the same plans on examples neither search saw (`search.holdout_split`). "
              "Evaluations count distinct plans, each scored on every profiling example.", ""]
     for csv in sorted(Path(out_root).glob("greedy_vs_exhaustive_*.csv")):
         meta = json.loads(csv.with_suffix(".json").read_text()) if csv.with_suffix(".json").exists() else {}
@@ -365,12 +395,19 @@ def write_comparison_md(out_root: Path) -> Path:
                   f"{meta.get('dataset', '?')}, {meta.get('metric', '')})", "",
                   f"Evaluations: greedy {meta.get('greedy_evaluations')} vs exhaustive "
                   f"{meta.get('exhaustive_evaluations')} ({meta.get('evaluation_ratio', float('nan')):.0%}); "
-                  f"largest shortfall {meta.get('max_shortfall')} points. Command: `{meta.get('command', '')}`", "",
-                  "| k | exhaustive plan | exhaustive | greedy plan | greedy | diff | SE |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"largest shortfall {meta.get('max_shortfall')} points"
+                  + (f" on the profiling split, {meta['max_shortfall_holdout']} on {meta['holdout']['n_examples']} "
+                     f"held-out `{meta['holdout']['split']}` examples" if "holdout" in meta else "")
+                  + f". Command: `{meta.get('command', '')}`", ""]
+        held = "diff_holdout" in df.columns
+        lines += ["| k | exhaustive plan | exhaustive | greedy plan | greedy | diff | SE |"
+                  + (" held-out exh. | held-out greedy | held-out diff | SE |" if held else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|---|---|---|" if held else "")]
         for r in df.itertuples():
             lines.append(f"| {r.k} | {r.exhaustive_plan} | {r.exhaustive:.2f} | {r.greedy_plan} | {r.greedy:.2f} | "
-                         f"{r.diff:+.2f} | {getattr(r, 'se', float('nan')):.2f} |")
+                         f"{r.diff:+.2f} | {getattr(r, 'se', float('nan')):.2f} |"
+                         + (f" {r.exhaustive_holdout:.2f} | {r.greedy_holdout:.2f} | {r.diff_holdout:+.2f} | "
+                            f"{r.se_holdout:.2f} |" if held else ""))
         lines.append("")
     path = Path(out_root) / "greedy_vs_exhaustive.md"
     path.write_text("\n".join(lines))
@@ -465,12 +502,18 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
         for r in table:
             r["se"] = paired_se(ev, r["exhaustive_plan"], r["greedy_plan"], examples)
         n_ex = n_exhaustive(L, g)
+        holdout = None
+        if sc.get("holdout_split"):
+            holdout = holdout_check(cfg, pair, task, table, {p.plan: p for p in [*pts, *gre.points]}, L)
         meta = {"pair": cfg.model_pair.name, "receiver": pair.receiver_id["name"], "sender": pair.sender_id["name"],
                 "dataset": task.name, "split": cfg.split, "metric": label, "granularity": g,
                 "greedy_evaluations": gre.evaluations, "exhaustive_evaluations": n_ex,
                 "evaluation_ratio": gre.evaluations / n_ex,
                 "max_shortfall": round(max(0.0, -min(r["diff"] for r in table)), 2),
                 "command": result["command"]}
+        if holdout is not None:
+            meta["holdout"] = holdout
+            meta["max_shortfall_holdout"] = round(max(0.0, -min(r["diff_holdout"] for r in table)), 2)
         pd.DataFrame(table).to_csv(root / f"greedy_vs_exhaustive_{cfg.model_pair.name}.csv", index=False)
         runner.write_json(root / f"greedy_vs_exhaustive_{cfg.model_pair.name}.json", meta)
         md = write_comparison_md(root)
@@ -480,7 +523,9 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
         print(f"  {'k':>3}  {'exhaustive':<24}{'score':>8}  {'greedy':<24}{'score':>8}{'diff':>8}{'SE':>7}")
         for r in table:
             print(f"  {r['k']:>3}  {r['exhaustive_plan']:<24}{r['exhaustive']:>8.2f}  {r['greedy_plan']:<24}"
-                  f"{r['greedy']:>8.2f}{r['diff']:>+8.2f}{r['se']:>7.2f}")
+                  f"{r['greedy']:>8.2f}{r['diff']:>+8.2f}{r['se']:>7.2f}"
+                  + (f"   held-out {r['exhaustive_holdout']:.2f} vs {r['greedy_holdout']:.2f} "
+                     f"({r['diff_holdout']:+.2f} +- {r['se_holdout']:.2f})" if holdout else ""))
 
     result["cells_computed"] = ev.n_run - n0
     print(f"\nselected recompute plans ({sc.delta_mode} delta, full prefill {base:.2f} {label}):")

@@ -63,7 +63,7 @@ class Study:
             examples = runner.prepare(self.pair, task, runner.records_of(cfg, task), cfg.max_length)
             store = runner.CellStore(Path(cfg.cells_root) / cfg.model_pair.name, self.pair, task, cfg.split,
                                      cfg.max_length)
-            self._ctx[dataset] = (task, examples, runner.Evaluator(self.pair, task, store, workers=cfg.get("workers", 1),
+            self._ctx[dataset] = (task, examples, runner.Evaluator(self.pair, task, store, workers=runner.workers_of(cfg),
                                                                    worker_cfg=cfg))
         return self._ctx[dataset]
 

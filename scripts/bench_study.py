@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--pair", default="tiny")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--limit", type=int, default=None, help="first N examples only (default: all 50)")
+    ap.add_argument("--workers", default=None, help="cell-evaluating processes (default: the configs' default)")
     ap.add_argument("--root", default=None,
                     help="results root for cells/, runs/, search/, study/ (default: a new temp dir; "
                          "'results' fills the committed results in place, timing only what is not there yet)")
@@ -47,8 +48,9 @@ def main() -> None:
     common = [f"model_pair={a.pair}", f"cells_root={scratch / 'cells'}", f"results_root={scratch / 'runs'}"]
     common += [f"threads={a.threads}"] if a.threads else []
     common += [f"limit={a.limit}"] if a.limit else []
+    common += [f"workers={a.workers}"] if a.workers else []
     steps = [("profile", ["-m", "ds_study.profile", *common]), ("study", ["-m", "ds_study.study", *common])]
-    report = {"pair": a.pair, "threads": a.threads, "limit": a.limit, "cpu_count": os.cpu_count(),
+    report = {"pair": a.pair, "threads": a.threads, "workers": a.workers, "limit": a.limit, "cpu_count": os.cpu_count(),
               "machine": platform.processor() or platform.machine(), "root": str(scratch),
               "load_average_before": os.getloadavg(), "steps": {}}
     t_all = time.perf_counter()

@@ -255,3 +255,23 @@ def test_parallel_workers_give_the_same_cells(tiny, tmp_path):
     cells1, cells2 = results[1][1], results[2][1]
     assert set(cells2) - set(cells1) == {("groups:1-2", f"pyqa-profile-0000{i}") for i in range(3)}
     assert all(cells1[k] == cells2[k] for k in cells1)
+
+
+def test_holdout_check_scores_the_compared_plans_again(tiny, tmp_path):
+    from tiny_pair import compose, pair_overrides
+
+    from ds_study import profile
+
+    # a local dataset file serves every split, so the "held-out" examples are the profiling ones:
+    # the held-out columns must then reproduce the profiled ones exactly, from separately stored cells
+    cfg = compose("profile", pair_overrides(tiny[0], tiny[1], tmp_path) + [
+        f"dataset_path={tiny[2]}", f"search.out_root={tmp_path / 'search'}", "threads=1",
+        "search.holdout_split=test"])
+    comp = profile.main(cfg)["search"]["comparison"]
+    assert comp["holdout"]["split"] == "test" and comp["holdout"]["n_examples"] == 3
+    for r in comp["table"]:
+        assert r["exhaustive_holdout"] == r["exhaustive"] and r["greedy_holdout"] == r["greedy"]
+        assert r["diff_holdout"] == r["diff"]
+    assert comp["max_shortfall_holdout"] == comp["max_shortfall"]
+    assert len(list((tmp_path / "cells" / "tinytest").glob("*_test_*.jsonl"))) == 1
+    assert "held-out diff" in (tmp_path / "search" / "greedy_vs_exhaustive.md").read_text()
