@@ -383,12 +383,13 @@ class Decoded:
 
 @torch.no_grad()
 def decode(model, layers: list[tuple], suffix_ids, max_new_tokens: int,
-           eos_token_id: int | None = None, cache=None) -> Decoded:
+           eos_token_id: int | None = None, cache=None, stop=None) -> Decoded:
     """Run the suffix through every layer against the context's K/V, then greedy decoding.
 
     ``suffix_ids``: token ids, or a (1, n) tensor already on the device. Staging it early matters on
     CUDA: building it here from a Python list is a blocking copy that waits for all queued GPU work,
-    which would stop the host from issuing the suffix pass while a recompute group still runs."""
+    which would stop the host from issuing the suffix pass while a recompute group still runs.
+    ``stop(generated_ids)``: end decoding early once it returns True (see metrics.stop_rule)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -405,7 +406,7 @@ def decode(model, layers: list[tuple], suffix_ids, max_new_tokens: int,
         if tok in eos:
             break
         generated.append(tok)
-        if len(generated) == max_new_tokens:
+        if len(generated) == max_new_tokens or (stop is not None and stop(generated)):
             break
         out = model.model(input_ids=torch.tensor([[tok]], device=device), cache=cache, use_cache=True)
         logits = model.lm_head(out.last_hidden_state[0, -1:])[0]
@@ -415,12 +416,12 @@ def decode(model, layers: list[tuple], suffix_ids, max_new_tokens: int,
 @torch.no_grad()
 def run_plan(receiver, sender_model, plan: Plan, prefix_ids: list[int], suffix_ids: list[int],
              max_new_tokens: int, eos_token_id=None, sender_cache: ContextCache | None = None,
-             memo: GroupMemo | None = None) -> Decoded:
+             memo: GroupMemo | None = None, stop=None) -> Decoded:
     """Execute one plan end to end. ``sender`` decodes with the sender model on its own cache."""
     if plan.kind == "sender":
         if sender_cache is None:
             sender_cache = capture(sender_model, prefix_ids, with_embeds=False)
         layers = list(zip(sender_cache.keys, sender_cache.values))
-        return decode(sender_model, layers, suffix_ids, max_new_tokens, eos_token_id)
+        return decode(sender_model, layers, suffix_ids, max_new_tokens, eos_token_id, stop=stop)
     layers = partial_prefill(receiver, plan, prefix_ids, sender_cache, memo)
-    return decode(receiver, layers, suffix_ids, max_new_tokens, eos_token_id)
+    return decode(receiver, layers, suffix_ids, max_new_tokens, eos_token_id, stop=stop)

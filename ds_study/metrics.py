@@ -85,6 +85,27 @@ def code_sim_score(prediction: str, ground_truth: str) -> float:
             break
     return fuzz.ratio(line, ground_truth) / 100
 
+def code_sim_line_final(text: str) -> bool:
+    """True once more generated text can no longer change what ``code_sim_score`` scores.
+
+    The score depends only on the first line with no '`', '#' or '//' of the stripped prediction.
+    Once that line is complete and something other than whitespace follows it, later text neither
+    changes which line it is nor (through the final strip) its trailing spaces. Decoding can stop
+    there with the same score as a full-length generation: for code tasks, most of the
+    ``max_new_tokens`` budget (64 in LongBench's lcc) is spent on lines that are never scored.
+    """
+    lines = text.lstrip().split("\n")
+    for i, line in enumerate(lines[:-1]):
+        if "`" not in line and "#" not in line and "//" not in line:
+            return any(not c.isspace() and c != "\ufffd" for c in "\n".join(lines[i + 1:]))
+    return False
+
+
+def stop_rule(metric: str):
+    """A ``text -> bool`` early-stop test that leaves ``metric``'s score unchanged, or None."""
+    return code_sim_line_final if metric == "code_sim" else None
+
+
 # -----------------------------------------------------------------------------
 # CacheBlend scorers (for comparison with the same lab's earlier numbers)
 

@@ -209,13 +209,18 @@ class Evaluator:
             e["ref"] = decode(self.pair.receiver, list(zip(r.keys, r.values)), ex.prompt.suffix_ids, 0).suffix_hidden
         return e["ref"]
 
+    def stop(self):
+        """Early stop for decoding that cannot change this task's score (metrics.stop_rule), or None."""
+        rule, tok = metrics.stop_rule(self.task.metric), self.pair.tokenizer
+        return None if rule is None else (lambda ids: rule(tok.decode(ids, skip_special_tokens=True)))
+
     def run(self, plan: Plan, ex: Example) -> Decoded:
         p, tok = ex.prompt, self.pair.tokenizer
         e = self._entry(ex)
         if plan.label == "full_prefill" and e["receiver"] is not None:
             r = e["receiver"]  # the receiver's own capture *is* its full prefill
             return decode(self.pair.receiver, list(zip(r.keys, r.values)), p.suffix_ids,
-                          self.task.max_new_tokens, tok.eos_token_id)
+                          self.task.max_new_tokens, tok.eos_token_id, stop=self.stop())
         needs_sender = plan.kind != "groups" or plan.n_recomputed() < self.pair.n_layers
         sender_cache = self.caches(ex)[0] if needs_sender else None
         memo = None
@@ -224,7 +229,8 @@ class Evaluator:
                 e["memo"] = GroupMemo(self.pair.receiver, p.prefix_ids, sender_cache)
             memo = e["memo"]
         return run_plan(self.pair.receiver, self.pair.sender, plan, p.prefix_ids, p.suffix_ids,
-                        self.task.max_new_tokens, tok.eos_token_id, sender_cache=sender_cache, memo=memo)
+                        self.task.max_new_tokens, tok.eos_token_id, sender_cache=sender_cache, memo=memo,
+                        stop=self.stop())
 
     def cell(self, plan: Plan, ex: Example, out_err: bool = False) -> dict:
         """One scored (plan, example) row, from the store if done before; ``out_err`` adds the relative

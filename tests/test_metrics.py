@@ -338,3 +338,26 @@ def test_aggregate():
     assert aggregate([0.8, 1.0]) == 90.0
     with pytest.raises(ValueError):
         aggregate([])
+
+
+def test_code_sim_early_stop_never_changes_the_score():
+    """Decoding stops at the first prefix where code_sim_line_final holds; the score of that prefix's
+    prediction (stripped, as runner.prediction_text does) must equal the full generation's."""
+    import random
+
+    from ds_study.metrics import code_sim_line_final, code_sim_score
+
+    pieces = ["x = f(a)", "    ", "# note", "\n", "\n\n", "`", "// c", "return y", " ", "\t", "\u00a0", "z", "é"]
+    rng = random.Random(0)
+    stopped = 0
+    for _ in range(3000):
+        full = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        for gt in ("x = f(a)", "return y"):
+            cut = next((n for n in range(1, len(full) + 1) if code_sim_line_final(full[:n])), None)
+            if cut is None:
+                continue
+            stopped += 1
+            assert code_sim_score(full[:cut].strip(), gt) == code_sim_score(full.strip(), gt), (full, cut)
+    assert stopped > 1000  # the rule does fire, so the test exercises it
+    assert code_sim_line_final("x = 1\ny") and not code_sim_line_final("x = 1\n  ")
+    assert not code_sim_line_final("# only a comment\nx = 1")  # the scored line is not complete yet
