@@ -167,7 +167,8 @@ def test_profile_resumes_after_interrupt(tiny, tmp_path, monkeypatch):
     from ds_study import profile
 
     cfg = compose("profile", pair_overrides(tiny[0], tiny[1], tmp_path) + [
-        f"dataset_path={tiny[2]}", f"search.out_root={tmp_path / 'search'}", "threads=1"])
+        f"dataset_path={tiny[2]}", f"search.out_root={tmp_path / 'search'}", "threads=1",
+        "search.granularity=[1,2]", "search.method=both", "workers=1"])
     real_run, calls = runner.Evaluator.run, []
 
     def counted(self, plan, ex):
@@ -266,7 +267,7 @@ def test_holdout_check_scores_the_compared_plans_again(tiny, tmp_path):
     # the held-out columns must then reproduce the profiled ones exactly, from separately stored cells
     cfg = compose("profile", pair_overrides(tiny[0], tiny[1], tmp_path) + [
         f"dataset_path={tiny[2]}", f"search.out_root={tmp_path / 'search'}", "threads=1",
-        "search.holdout_split=test"])
+        "search.holdout_split=test", "search.granularity=[1,2]", "search.method=both"])
     comp = profile.main(cfg)["search"]["comparison"]
     assert comp["holdout"]["split"] == "test" and comp["holdout"]["n_examples"] == 3
     for r in comp["table"]:

@@ -40,7 +40,7 @@ def results(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("study")
     receiver, sender = build_tiny_pair(root)
-    common = pair_overrides(receiver, sender, root) + ["limit=2", "threads=1"]
+    common = pair_overrides(receiver, sender, root) + ["limit=2", "threads=1", "workers=1"]
     summary = study.main(compose("study", common + [f"study_root={root / 'results' / 'study'}"]))
     profile.main(compose("profile", common + [f"search.out_root={root / 'results' / 'search'}",
                                               "search.method=exhaustive", "deviation=false"]))
@@ -73,7 +73,7 @@ def test_study_rerun_computes_nothing(results, monkeypatch):
     real_run = runner.Evaluator.run
     monkeypatch.setattr(runner.Evaluator, "run", lambda self, p, ex: calls.append(p.name) or real_run(self, p, ex))
     cfg = compose("study", pair_overrides(root / "receiver", root / "sender", root)
-                  + ["limit=2", f"study_root={root / 'results' / 'study'}"])
+                  + ["limit=2", "workers=1", f"study_root={root / 'results' / 'study'}"])
     again = study.main(cfg)
     assert calls == [] and again["cells_computed"] == 0
 
