@@ -34,7 +34,8 @@ import torch
 from transformers import DynamicCache
 
 from ds_study.caches import KINDS, CacheChecksumError, ContextCache, tensors_sha256
-from ds_study.executor import Plan, PlanError, check_supported, decode, groups_plan, parse_plan, recompute_group
+from ds_study.executor import (Plan, PlanError, check_supported, decode, groups_plan, parse_plan, recompute_group,
+                               recompute_group_streaming)
 
 STRATEGIES: dict[str, str] = {
     "send_all": "(a) load E and every layer's KV, then recompute",
@@ -526,9 +527,47 @@ class Arrivals:
         self.cancelled = threading.Event()  # set by the receiver when it stops consuming
         self.prefilled = threading.Event()  # set when the request's first token is out...
         self.prefilled_at = 0.0  # ...at this perf_counter time
+        self._partial: dict[Item, torch.Tensor] = {}  # destination being filled (host loaders only)
+        self._progress: dict[Item, int] = {}  # bytes of it copied so far
+        self._cond = threading.Condition()
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
+
+    def begin(self, item: Item, tensor: torch.Tensor) -> None:
+        """The loader starts filling ``tensor`` (an item's only tensor) front to back: see ``wait_prefix``."""
+        with self._cond:
+            self._partial[item], self._progress[item] = tensor, 0
+
+    def advance(self, item: Item, nbytes: int) -> None:
+        with self._cond:
+            self._progress[item] += nbytes
+            self._cond.notify_all()
+
+    def wait_rows(self, item: Item, rows: int, timeout_s: float) -> tuple[torch.Tensor, int] | None:
+        """(tensor, rows in place) once at least ``rows`` token rows of the item's (1, T, H) tensor
+        have arrived (the rest may still be arriving), or None once the whole item was delivered,
+        rejected or failed (then use ``wait``). Those bytes are not checksum-verified yet: the
+        consumer must ``wait`` for the item before trusting what it computed from them."""
+        deadline = time.perf_counter() + timeout_s
+        with self._cond:
+            while True:
+                if self._events[item].is_set():
+                    return None
+                if item in self._partial:
+                    t = self._partial[item]
+                    have = self._progress[item] // (t.numel() // t.shape[-2] * t.element_size())
+                    if have >= rows:
+                        return t, have
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    raise TransferFailed(f"timed out after {timeout_s:g} s waiting for {item.name}")
+                self._cond.wait(left)
+
+    def _set(self, item: Item) -> None:
+        with self._cond:
+            self._events[item].set()
+            self._cond.notify_all()
 
     def deliver(self, item: Item, tensors: tuple, start: float, end: float, cuda_event=None, request: str = "") -> None:
         self.tensors[item] = tensors
@@ -536,16 +575,16 @@ class Arrivals:
             self.cuda_events[item] = cuda_event
         self.bytes += sum(t.numel() * t.element_size() for t in tensors)
         self.spans.append(Span(request, "load", start, end, item.layer, item.kind))
-        self._events[item].set()
+        self._set(item)
 
     def reject(self, item: Item, reason: str) -> None:
         self.rejected[item] = reason
-        self._events[item].set()
+        self._set(item)
 
     def fail(self, reason: str) -> None:
         self.failure = reason
-        for ev in self._events.values():
-            ev.set()
+        for it in self._events:
+            self._set(it)
 
     def wait(self, item: Item, timeout_s: float) -> tuple:
         if item not in self._events:
@@ -655,7 +694,8 @@ class Request:
 
 
 @torch.no_grad()
-def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: LayerClock, recomputed: dict):
+def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: LayerClock, recomputed: dict,
+                        fetch_e_rows=None, chunk: int = 0):
     """Recompute the plan's groups (E from ``fetch_e``), then the final pass over all layers, taking
     reused layers' K/V from ``fetch_kv`` as they arrive, then greedy decoding."""
     model = req.model
@@ -664,9 +704,15 @@ def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: Laye
     own: dict[int, tuple] = {}
     for a, b in plan.groups:
         if (a, b) not in recomputed:
-            sender = None if a == 0 else SimpleNamespace(embeds={a: fetch_e(a)})
             clock.phase = "recompute"
-            recomputed[(a, b)] = recompute_group(model, a, b, req.prefix_ids, sender)
+            if a > 0 and fetch_e_rows is not None and chunk:
+                # E streams in: recompute token chunks as their E rows land, then check the whole E
+                kv = recompute_group_streaming(model, a, b, len(req.prefix_ids), lambda t, a=a: fetch_e_rows(a, t), chunk)
+                fetch_e(a)  # raises if E was rejected (checksum) or failed: nothing computed is kept
+                recomputed[(a, b)] = kv
+            else:
+                sender = None if a == 0 else SimpleNamespace(embeds={a: fetch_e(a)})
+                recomputed[(a, b)] = recompute_group(model, a, b, req.prefix_ids, sender)
             clock.phase = None
         kv = recomputed[(a, b)]
         own.update({i: (kv.k[i], kv.v[i]) for i in range(a, b + 1)})
@@ -679,11 +725,13 @@ def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: Laye
 
 
 @torch.no_grad()
-def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout_s: float) -> RequestResult:
+def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout_s: float,
+            e_chunk_tokens: int = 0) -> RequestResult:
     """Serve one request on the calling thread while a loader fills ``arrivals``.
 
     Non-streaming strategies wait for every item first; streaming ones wait for each E just before
-    its group and for each layer's KV just before the final pass reaches it. A failed or timed-out
+    its group (with ``e_chunk_tokens``, only for the E rows of the next token chunk, where the
+    loader reports partial progress) and for each layer's KV just before the final pass reaches it. A failed or timed-out
     transfer falls back to the receiver's own full prefill; rejected entries are recomputed under
     ``repair_plan``. Either is recorded in the result.
     """
@@ -701,6 +749,18 @@ def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout
 
     fetch_e = lambda a: timed_wait(Item(a, "e"))[0]  # noqa: E731
     fetch_kv = lambda i: timed_wait(Item(i, "kv"))  # noqa: E731
+
+    def fetch_e_rows(a: int, rows: int) -> tuple[torch.Tensor, int]:
+        start = arrivals.now()
+        got = arrivals.wait_rows(Item(a, "e"), rows, timeout_s)
+        if got is None:  # all of E is in (or it failed: wait raises)
+            e = timed_wait(Item(a, "e"))[0]
+            return e, e.shape[-2]
+        if arrivals.now() - start > 1e-4:
+            spans.append(Span(req.name, "wait", start, arrivals.now(), a, "e"))
+        return got
+
+    stream = (fetch_e_rows, e_chunk_tokens) if strategy in STREAMING and e_chunk_tokens else (None, 0)
     with LayerClock(req.model, req.name, t0, spans) as clock:
         try:
             try:
@@ -711,7 +771,7 @@ def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout
                         spans.append(Span(req.name, "wait", start, arrivals.now()))
                     if arrivals.rejected:
                         raise EntryRejected(next(iter(arrivals.rejected)), "checksum mismatch")
-                out = _prefill_and_decode(req, plan, fetch_e, fetch_kv, clock, recomputed)
+                out = _prefill_and_decode(req, plan, fetch_e, fetch_kv, clock, recomputed, *stream)
             except EntryRejected:
                 arrivals.wait_all(timeout_s)  # know every rejected entry before replanning
                 bad_kv = [it.layer for it in arrivals.rejected if it.kind == "kv"]
@@ -786,6 +846,9 @@ class StoreLoader(threading.Thread):
                 dev = self.device or srcs[0].device
                 if self.stream is None:
                     dsts = [torch.empty(s.shape, dtype=s.dtype, device=dev) for s in srcs]
+                    if item.kind == "e" and len(dsts) == 1:  # E streams: its first rows are usable early
+                        arr.begin(item, dsts[0])
+                        feed = _and_advance(feed, arr, item)
                 else:  # written on the side stream, read on the compute stream: tell the allocator both
                     with torch.cuda.stream(self.stream):
                         dsts = [torch.empty(s.shape, dtype=s.dtype, device=dev) for s in srcs]
@@ -806,6 +869,15 @@ class StoreLoader(threading.Thread):
             prev = arr
 
 
+def _and_advance(feed, arr: Arrivals, item: Item):
+    """An on_segment callback that also reports the copied bytes of ``item`` to ``arr``."""
+    def on_segment(j, seg):
+        if feed is not None:
+            feed(j, seg)
+        arr.advance(item, seg.numel() * seg.element_size())
+    return on_segment
+
+
 class Engine:
     """Serve requests in arrival order with one compute unit (this thread) and one link (a loader thread).
 
@@ -815,13 +887,16 @@ class Engine:
     rather than copy speed. ``gil_switch_s``: Python's thread switch interval during a run. The
     compute thread holds the GIL while it issues kernels, so with the default 5 ms a loader thread
     whose chunk is due waits up to 5 ms to issue it; a short interval keeps the link on schedule.
+    ``e_chunk_tokens``: streaming strategies start a recompute group once the first this-many token
+    rows of its E have arrived, and go on chunk by chunk as E streams in (host-memory loaders report
+    progress per link chunk; 0: wait for the whole E, as the paper's schedule).
     """
 
     def __init__(self, store: KVStore, link: Link, timeout_s: float = 30.0, device=None, verify: bool = True,
-                 gil_switch_s: float | None = 2e-4):
+                 gil_switch_s: float | None = 2e-4, e_chunk_tokens: int = 64):
         self.store, self.link, self.timeout_s, self.verify = store, link, timeout_s, verify
         self.device = torch.device(device) if device is not None else None
-        self.gil_switch_s = gil_switch_s
+        self.gil_switch_s, self.e_chunk_tokens = gil_switch_s, e_chunk_tokens
 
     def run(self, requests: list[Request], strategy: str) -> list[RequestResult]:
         previous = sys.getswitchinterval()
@@ -851,7 +926,7 @@ class Engine:
         results = []
         for (req, strat, plan, _), (_, _, arr) in zip(checked, jobs):
             _sleep_until(t0 + req.arrival)
-            results.append(execute(req, strat, plan, arr, self.timeout_s))
+            results.append(execute(req, strat, plan, arr, self.timeout_s, self.e_chunk_tokens))
         for _, _, arr in jobs:
             arr.cancelled.set()
         loader.join(timeout=self.timeout_s)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -270,6 +271,46 @@ def recompute_group(model, a: int, b: int, token_ids: list[int], sender: Context
     device = next(model.parameters()).device
     kv = LayerKV()
     run_layers(model, group_input(model, a, token_ids, sender), _positions(len(token_ids), device), a, b + 1, kv)
+    return kv
+
+
+class AppendKV(LayerKV):
+    """Keeps each layer's K/V across successive token chunks and lets every chunk attend to all of it."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx in self.k:
+            key_states = torch.cat([self.k[layer_idx], key_states], dim=-2)
+            value_states = torch.cat([self.v[layer_idx], value_states], dim=-2)
+        self.k[layer_idx], self.v[layer_idx] = key_states, value_states
+        return key_states, value_states
+
+
+@torch.no_grad()
+def recompute_group_streaming(model, a: int, b: int, n_tokens: int, e_rows: Callable[[int], tuple], chunk: int) -> LayerKV:
+    """Receiver layers a..b over the context from the sender's E_a, as E_a's token rows arrive.
+
+    Attention is causal, so tokens [t0, t1) of layers a..b need only E_a's first t1 rows and the
+    K/V of earlier tokens. ``e_rows(t)`` blocks until at least t rows are in and returns (E, rows
+    in); each step takes every row that is in, at least ``chunk`` more (one step when E is already
+    complete). The group's
+    recomputation overlaps E's own transfer instead of starting after it (the wait the
+    max(compute, load) bound does not count). The same operations as recompute_group, except that
+    matrix products run per chunk (float summation order), and no sliding-window support.
+    """
+    if getattr(model.config, "sliding_window", None):
+        raise PlanError("streaming recomputation does not support sliding-window attention")
+    device = next(model.parameters()).device
+    kv = AppendKV()
+    t0 = 0
+    while t0 < n_tokens:
+        e, have = e_rows(min(n_tokens, t0 + chunk))  # at least one more chunk's rows: take all that are in
+        t1 = min(n_tokens, have)
+        hidden = e[:, t0:t1].to(device)
+        q_pos = torch.arange(t0, t1, device=device).view(-1, 1)
+        mask = torch.zeros(1, 1, t1 - t0, t1, dtype=hidden.dtype, device=device)
+        mask.masked_fill_(torch.arange(t1, device=device).view(1, -1) > q_pos, torch.finfo(hidden.dtype).min)
+        run_layers(model, hidden, q_pos.view(1, -1), a, b + 1, kv, mask=mask)
+        t0 = t1
     return kv
 
 
