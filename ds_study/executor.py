@@ -307,8 +307,10 @@ def recompute_group_streaming(model, a: int, b: int, n_tokens: int, e_rows: Call
         t1 = min(n_tokens, have)
         hidden = e[:, t0:t1].to(device)
         q_pos = torch.arange(t0, t1, device=device).view(-1, 1)
-        mask = torch.zeros(1, 1, t1 - t0, t1, dtype=hidden.dtype, device=device)
-        mask.masked_fill_(torch.arange(t1, device=device).view(1, -1) > q_pos, torch.finfo(hidden.dtype).min)
+        mask = None  # the first step has no past: the model's own causal mask (its fast path)
+        if t0 > 0:
+            mask = torch.zeros(1, 1, t1 - t0, t1, dtype=hidden.dtype, device=device)
+            mask.masked_fill_(torch.arange(t1, device=device).view(1, -1) > q_pos, torch.finfo(hidden.dtype).min)
         run_layers(model, hidden, q_pos.view(1, -1), a, b + 1, kv, mask=mask)
         t0 = t1
     return kv
