@@ -221,13 +221,13 @@ def test_recompute_starts_while_e_still_streams():
     receiver, _, sc, store, prefix, suffix = setup(n_prefix=96)
     ref, ref_logits = reference_tokens(receiver, parse_plan("2-3", 4), prefix, suffix, sc)
     req = Request("A", receiver, "r", "s", "2-3", prefix, suffix, max_new_tokens=6)
-    (res,) = Engine(store, Link(gbps=0.01, chunk_bytes=1024), e_chunk_tokens=16).run([req], "pipelined")
+    (res,) = Engine(store, Link(gbps=0.002, chunk_bytes=1024), e_chunk_tokens=16).run([req], "pipelined")
     e_load = next(s for s in res.spans if s.op == "load" and s.kind == "e")
     rec = [s for s in res.spans if s.op == "recompute"]
     assert min(s.start for s in rec) < e_load.end  # recomputation overlapped E's own transfer
     assert len(rec) > 2  # layers 2 and 3, once per chunk
     assert res.token_ids == ref and torch.allclose(res.first_logits, ref_logits, atol=1e-5, rtol=0)
-    (whole,) = Engine(store, Link(gbps=0.01, chunk_bytes=1024), e_chunk_tokens=0).run([req], "pipelined")
+    (whole,) = Engine(store, Link(gbps=0.002, chunk_bytes=1024), e_chunk_tokens=0).run([req], "pipelined")
     rec0 = [s for s in whole.spans if s.op == "recompute"]
     assert [s.layer for s in rec0] == [2, 3] and rec0[0].start >= e_load.end - 1e-3 and whole.token_ids == ref
 
@@ -237,7 +237,7 @@ def test_corrupt_streamed_e_is_rejected_after_use_and_repaired():
     ref, _ = reference_tokens(receiver, parse_plan("0-3", 4), prefix, suffix, sc)
     store.get(entry_key("s", "r", context_hash(prefix), 2, "e"), verify=False).mul_(2)
     req = Request("x", receiver, "r", "s", "2-3", prefix, suffix, max_new_tokens=6)
-    (res,) = Engine(store, Link(gbps=0.01, chunk_bytes=1024), e_chunk_tokens=16).run([req], "pipelined")
+    (res,) = Engine(store, Link(gbps=0.002, chunk_bytes=1024), e_chunk_tokens=16).run([req], "pipelined")
     assert res.rejected == ["E2"] and res.repaired_plan == "repair:0-3" and res.fallback is None
     assert res.token_ids == ref  # nothing computed from the corrupt E was kept
 
