@@ -78,12 +78,13 @@ def code_sim_score(prediction: str, ground_truth: str) -> float:
     LongBench calls fuzzywuzzy's fuzz.ratio, which with python-Levenshtein computes the same ratio as
     rapidfuzz.fuzz.ratio but rounds it to a whole percent; we keep rapidfuzz's unrounded value.
     """
-    line = ""
-    for candidate in prediction.lstrip("\n").split("\n"):
-        if "`" not in candidate and "#" not in candidate and "//" not in candidate:
-            line = candidate
-            break
+    line = next((c for c in prediction.lstrip("\n").split("\n") if _scorable_code_line(c)), "")
     return fuzz.ratio(line, ground_truth) / 100
+
+
+def _scorable_code_line(line: str) -> bool:
+    """A line code_sim_score may pick: no markdown fence, no comment marker."""
+    return "`" not in line and "#" not in line and "//" not in line
 
 def code_sim_line_final(text: str) -> bool:
     """True once more generated text can no longer change what ``code_sim_score`` scores.
@@ -96,7 +97,7 @@ def code_sim_line_final(text: str) -> bool:
     """
     lines = text.lstrip().split("\n")
     for i, line in enumerate(lines[:-1]):
-        if "`" not in line and "#" not in line and "//" not in line:
+        if _scorable_code_line(line):
             return any(not c.isspace() and c != "\ufffd" for c in "\n".join(lines[i + 1:]))
     return False
 

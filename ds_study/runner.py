@@ -180,6 +180,8 @@ class Evaluator:
                  workers: int = 1, worker_cfg: DictConfig | None = None):
         self.pair, self.task, self.store, self.keep = pair, task, store, max(1, int(keep))
         self.workers, self.worker_cfg = max(1, int(workers or 1)), worker_cfg
+        rule, tok = metrics.stop_rule(task.metric), pair.tokenizer  # early stop that cannot change the score
+        self.stop = None if rule is None else (lambda ids: rule(tok.decode(ids, skip_special_tokens=True)))
         self._entries: OrderedDict[str, dict] = OrderedDict()  # example id -> sender/receiver/ref/memo
         self.n_run = self.n_reused = 0
 
@@ -209,18 +211,13 @@ class Evaluator:
             e["ref"] = decode(self.pair.receiver, list(zip(r.keys, r.values)), ex.prompt.suffix_ids, 0).suffix_hidden
         return e["ref"]
 
-    def stop(self):
-        """Early stop for decoding that cannot change this task's score (metrics.stop_rule), or None."""
-        rule, tok = metrics.stop_rule(self.task.metric), self.pair.tokenizer
-        return None if rule is None else (lambda ids: rule(tok.decode(ids, skip_special_tokens=True)))
-
     def run(self, plan: Plan, ex: Example) -> Decoded:
         p, tok = ex.prompt, self.pair.tokenizer
         e = self._entry(ex)
         if plan.label == "full_prefill" and e["receiver"] is not None:
             r = e["receiver"]  # the receiver's own capture *is* its full prefill
             return decode(self.pair.receiver, list(zip(r.keys, r.values)), p.suffix_ids,
-                          self.task.max_new_tokens, tok.eos_token_id, stop=self.stop())
+                          self.task.max_new_tokens, tok.eos_token_id, stop=self.stop)
         needs_sender = plan.kind != "groups" or plan.n_recomputed() < self.pair.n_layers
         sender_cache = self.caches(ex)[0] if needs_sender else None
         memo = None
@@ -230,7 +227,7 @@ class Evaluator:
             memo = e["memo"]
         return run_plan(self.pair.receiver, self.pair.sender, plan, p.prefix_ids, p.suffix_ids,
                         self.task.max_new_tokens, tok.eos_token_id, sender_cache=sender_cache, memo=memo,
-                        stop=self.stop())
+                        stop=self.stop)
 
     def cell(self, plan: Plan, ex: Example, out_err: bool = False) -> dict:
         """One scored (plan, example) row, from the store if done before; ``out_err`` adds the relative
@@ -264,8 +261,8 @@ class Evaluator:
         from ``worker_cfg`` and captures its own examples' caches once); afterwards every cell is in
         the store, so the caller's ordinary loop only reads. Results do not depend on ``workers``.
         """
-        todo = [ex for ex in examples if any(self.missing(p, ex, out_err) for p in plans)]
-        n_cells = sum(self.missing(p, ex, out_err) for ex in todo for p in plans)
+        missing = {ex.id: sum(self.missing(p, ex, out_err) for p in plans) for ex in examples}
+        todo, n_cells = [ex for ex in examples if missing[ex.id]], sum(missing.values())
         if self.workers <= 1 or self.store is None or self.worker_cfg is None or n_cells < min_cells:
             return
         import multiprocessing

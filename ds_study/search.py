@@ -366,15 +366,15 @@ def holdout_check(cfg, pair, task, table: list[dict], points: dict, n_layers: in
     examples = runner.prepare(pair, task, runner.records_of(hcfg, task), cfg.max_length)
     store = runner.CellStore(Path(cfg.cells_root) / cfg.model_pair.name, pair, task, sc.holdout_split, cfg.max_length)
     ev = runner.Evaluator(pair, task, store, workers=runner.workers_of(cfg), worker_cfg=hcfg)
-    names = sorted({r[c] for r in table for c in ("exhaustive_plan", "greedy_plan")})
-    plans = [plan_of(points[n].groups, n_layers) for n in names]
-    rows = evaluate(ev, plans, examples, f"held-out ({sc.holdout_split})")
-    score = {n: quality(rows[p.name]) for n, p in zip(names, plans)}
+    plans = {n: plan_of(points[n].groups, n_layers)
+             for n in sorted({r[c] for r in table for c in ("exhaustive_plan", "greedy_plan")})}
+    rows = evaluate(ev, list(plans.values()), examples, f"held-out ({sc.holdout_split})")
+    score = {n: quality(rows[p.name]) for n, p in plans.items()}
     for r in table:
-        r["exhaustive_holdout"], r["greedy_holdout"] = score[r["exhaustive_plan"]], score[r["greedy_plan"]]
-        r["diff_holdout"] = round(r["greedy_holdout"] - r["exhaustive_holdout"], 2)
-        r["se_holdout"] = paired_se(ev, plans[names.index(r["exhaustive_plan"])].name,
-                                    plans[names.index(r["greedy_plan"])].name, examples)
+        e, g = r["exhaustive_plan"], r["greedy_plan"]
+        r["exhaustive_holdout"], r["greedy_holdout"] = score[e], score[g]
+        r["diff_holdout"] = round(score[g] - score[e], 2)
+        r["se_holdout"] = paired_se(ev, plans[e].name, plans[g].name, examples)
     return {"split": sc.holdout_split, "n_examples": len(examples), "plans": len(plans)}
 
 

@@ -279,11 +279,12 @@ def finetune_examples(tokenizer, task_name: str, split: str, max_length: int, pa
         return ids + [tokenizer.eos_token_id]
 
     records = load_records(task_name, split)
-    param_lists = sorted({p for r in records for _, p in re.findall(SIGNATURE_LINE, r["context"], re.M)})
+    swap = task_name == "pyqa" and swap_params
+    param_lists = sorted({p for r in records for _, p in re.findall(SIGNATURE_LINE, r["context"], re.M)}) if swap else []
     swap_rng = random.Random(seed + 7)
     out = []
     for k, rec in enumerate(records):
-        if task_name == "pyqa" and swap_params and swap_rng.random() < swap_params:
+        if swap and swap_rng.random() < swap_params:
             rec = with_swapped_params(rec, swap_rng, param_lists)
         prompt = build_prompt(rec, task, tokenizer, max_length)
         ans = answer_ids(rec["answers"][0])

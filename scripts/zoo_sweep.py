@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from ds_study import runner, zoo
 from ds_study.data import TASKS
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
     built: dict[str, Path] = {}  # base recipe -> a built family with that base
     for name in args.recipes:
         cfg = recipe_cfg(RECIPES[name], args.device, args.threads)
-        base_key = json.dumps({k: zoo.OmegaConf.to_container(cfg, resolve=True).get(k) for k in zoo.BASE_RECIPE_KEYS},
+        base_key = json.dumps({k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in zoo.BASE_RECIPE_KEYS},
                               sort_keys=True)
         out = Path(args.work) / name
         if out.exists():
