@@ -348,10 +348,38 @@ def finetune(cfg: DictConfig, name: str, base_dir: Path, tokenizer, device: str)
     return model, stats
 
 
+def build_variant(cfg: DictConfig, name: str, out: Path, tokenizer) -> dict:
+    """Fine-tune one variant from ``out/base`` and save it to ``out/name``; its training stats.
+
+    The global RNG is reseeded first (LoRA initialises its A matrices from it), so a variant is the
+    same whether the base was just pretrained in this process (which drew from the RNG) or reused
+    from disk, and does not depend on which variants were built before it."""
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model, stats = finetune(cfg, name, out / "base", tokenizer, cfg.device)
+    _save(model, tokenizer, out / name)
+    return stats
+
+
+LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only")  # how a tokenizer was loaded, not what it is
+
+
 def _save(model, tokenizer, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    canonical_tokenizer_config(path / "tokenizer_config.json")
+
+
+def canonical_tokenizer_config(path: Path) -> None:
+    """Drop the keys transformers records about how the tokenizer was loaded (from a local folder,
+    with HF_HUB_OFFLINE set or not): they made identical builds hash differently. Written the way
+    transformers writes the file."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if any(k in cfg for k in LOAD_TIME_TOKENIZER_KEYS):
+        for k in LOAD_TIME_TOKENIZER_KEYS:
+            cfg.pop(k, None)
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,12 +446,13 @@ def build(cfg: DictConfig, out: Path) -> dict:
         _save(base, tokenizer, out / "base")
         timings["base"] = round(time.time() - t0, 1)
         variants = {"base": {"parent": None, **base_stats}}
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(out / "base")  # as a reused base would: same saved tokenizer files
     for name in cfg.variants:
         t1 = time.time()
-        model, stats = finetune(cfg, name, out / "base", tokenizer, cfg.device)
-        _save(model, tokenizer, out / name)
+        variants[name] = {"parent": "base", **build_variant(cfg, name, out, tokenizer)}
         timings[name] = round(time.time() - t1, 1)
-        variants[name] = {"parent": "base", **stats}
 
     data_files = [CORPUS] + sorted((CORPUS.parents[1] / "tasks").glob("*/train.jsonl.gz")) + \
         sorted((CORPUS.parents[1] / "tasks").glob("*/profile.jsonl"))

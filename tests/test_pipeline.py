@@ -134,3 +134,27 @@ def test_evaluate_scores_named_and_group_plans(compose_cfg, tmp_path):
     with pytest.raises(Exception, match="outside layers"):
         evaluate.main(compose_cfg("evaluate", "plan='6-9'", f"results_root={tmp_path}/r2"))
     assert not (tmp_path / "r2").exists()  # refused before any run directory or model load
+
+
+def test_lora_variant_does_not_depend_on_earlier_rng_draws(tmp_path):
+    """A variant built right after pretraining (which draws from the global RNG) equals one built
+    on a reused base: LoRA's initialisation must not inherit the RNG state of earlier work."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from ds_study import zoo
+    from tiny_pair import build_tiny_pair
+
+    receiver, _ = build_tiny_pair(tmp_path / "pair")
+    cfg = OmegaConf.load(zoo.CONF_DIR / "zoo.yaml")
+    cfg.variants = {"sum": {**OmegaConf.to_container(cfg.variants.sum), "steps": 2, "batch_size": 2, "lora_r": 4}}
+    cfg.finetune_max_length, cfg.finetune_val_examples, cfg.finetune_pack, cfg.threads = 256, 2, 1, 1
+    digests = []
+    for draws in (0, 1000):
+        out = tmp_path / f"build{draws}"
+        shutil.copytree(receiver, out / "base")
+        torch.manual_seed(123)
+        torch.rand(draws)
+        zoo.build_variant(cfg, "sum", out, AutoTokenizer.from_pretrained(out / "base"))
+        digests.append(zoo.sha256_file(out / "sum" / "model.safetensors"))
+    assert digests[0] == digests[1]
