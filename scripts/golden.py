@@ -1,0 +1,131 @@
+"""Golden-result check of the default profile run: does this checkout still compute what was committed?
+
+    python scripts/golden.py check results/runs          # newest default-pair run under a results root
+    python scripts/golden.py check RUN_DIR               # one run directory
+    python scripts/golden.py write RUN_DIR               # (maintainers) refresh results/golden/profile_tiny.json
+
+A default `python -m ds_study.profile` run is deterministic on one machine, so its numbers are a
+regression test of the whole stack (zoo weights, tokenizer, prompts, cache capture, partial prefill,
+decoding, metrics, search). Two kinds of numbers are compared, each with the tolerance its nature
+allows on another CPU, where float summation order (and so an occasional greedy token) can differ:
+
+- per-layer K/V/E deviation between sender and receiver caches (means over the 50 profiling
+  examples): relative tolerance ``--rtol`` (default 1e-3); any bug in cache capture moves these by
+  far more than float noise;
+- task quality of full prefill, full reuse and the sender, single-layer sensitivity and the
+  exhaustive g=2 frontier: absolute tolerance ``--tol`` points (default 2.0, the change one flipped
+  example out of 50 can make on code similarity).
+
+Exits 1 with a table of what moved when anything is outside its tolerance; says whether the match
+was exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "results" / "golden" / "profile_tiny.json"
+DEVIATION_COLUMNS = ("k_dev", "v_dev", "e_dev", "attn_cos")
+
+
+def golden_numbers(run: Path) -> dict:
+    """The compared numbers of one profile run directory."""
+    summary = json.loads((run / "summary.json").read_text())
+    search = json.loads((run / "search.json").read_text())
+    with open(run / "deviation.csv", newline="") as f:
+        dev = {int(r["layer"]): {c: float(r[c]) for c in DEVIATION_COLUMNS} for r in csv.DictReader(f)}
+    quality = {q["plan"]: q["score"] for q in summary["quality"]}
+    out = {"pair": summary["pair"], "dataset": summary["dataset"], "split": summary["split"],
+           "n_examples": summary["n_examples"], "models": {k: v["weights_sha256"] for k, v in summary["models"].items()},
+           "quality": quality, "deviation": {str(k): dev[k] for k in sorted(dev)}}
+    if "sensitivity" in search:
+        out["sensitivity"] = search["sensitivity"]["layer_scores"]
+    front = search.get("exhaustive", {}).get("2")
+    if front:
+        out["frontier_g2"] = {str(r["k"]): r["budget_score"] for r in front["frontier"]}
+        out["selected_g2"] = {str(s["delta"]): s["plan"] for s in front["selected"]}
+    return out
+
+
+def newest_default_run(root: Path) -> Path:
+    """The newest run directory under a results root whose summary is the default pair's profile job."""
+    runs = sorted((p for p in root.glob("*_profile_tiny_pycode") if (p / "summary.json").exists()),
+                  key=lambda p: p.name)
+    if not runs:
+        raise SystemExit(f"no finished default-pair profile run (*_profile_tiny_pycode) under {root}; "
+                         "run `python -m ds_study.profile` first")
+    return runs[-1]
+
+
+def compare(got: dict, want: dict, tol: float, rtol: float) -> tuple[list[str], bool]:
+    """(problems, exact): each problem a line saying what moved, by how much, against which tolerance."""
+    problems, exact = [], True
+    for key in ("pair", "dataset", "split", "n_examples", "models"):
+        if got.get(key) != want.get(key):
+            problems.append(f"{key}: {got.get(key)!r} != golden {want.get(key)!r} (not the run the golden file describes)")
+    if problems:
+        return problems, False
+
+    def close(name: str, a, b, kind: str) -> None:
+        nonlocal exact
+        if a is None or b is None:
+            if a != b:
+                problems.append(f"{name}: {a} != golden {b}")
+            return
+        if a != b:
+            exact = False
+        ok = abs(a - b) <= tol if kind == "abs" else math.isclose(a, b, rel_tol=rtol, abs_tol=1e-9)
+        if not ok:
+            limit = f"{tol} points" if kind == "abs" else f"rtol {rtol:g}"
+            problems.append(f"{name}: {a} vs golden {b} (diff {a - b:+.6g}, tolerance {limit})")
+
+    for plan, score in want["quality"].items():
+        close(f"quality[{plan}]", got["quality"].get(plan), score, "abs")
+    for layer, cols in want["deviation"].items():
+        for c, v in cols.items():
+            close(f"deviation[layer {layer}].{c}", got["deviation"].get(layer, {}).get(c), v, "rel")
+    for i, v in enumerate(want.get("sensitivity", [])):
+        close(f"sensitivity[layer {i}]", (got.get("sensitivity") or [None] * (i + 1))[i], v, "abs")
+    for k, v in want.get("frontier_g2", {}).items():
+        close(f"frontier_g2[k={k}]", got.get("frontier_g2", {}).get(k), v, "abs")
+    if got.get("selected_g2") != want.get("selected_g2"):
+        exact = False  # a tie within noise may pick another plan; the scores above carry the check
+    return problems, exact
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=("check", "write"))
+    ap.add_argument("path", type=Path, help="a run directory, or a results root holding runs")
+    ap.add_argument("--golden", type=Path, default=GOLDEN)
+    ap.add_argument("--tol", type=float, default=2.0, help="quality tolerance, points")
+    ap.add_argument("--rtol", type=float, default=1e-3, help="deviation tolerance, relative")
+    args = ap.parse_args(argv)
+    run = args.path if (args.path / "summary.json").exists() else newest_default_run(args.path)
+    got = golden_numbers(run)
+    if args.action == "write":
+        env = json.loads((run / "env.json").read_text()) if (run / "env.json").exists() else {}
+        got["produced_by"] = {"command": "python -m ds_study.profile", "env": env}
+        args.golden.parent.mkdir(parents=True, exist_ok=True)
+        args.golden.write_text(json.dumps(got, indent=1) + "\n")
+        print(f"wrote {args.golden} from {run}")
+        return 0
+    want = json.loads(args.golden.read_text())
+    problems, exact = compare(got, want, args.tol, args.rtol)
+    if problems:
+        print(f"GOLDEN CHECK FAILED: {run} against {args.golden}")
+        print("\n".join("  " + p for p in problems))
+        return 1
+    print(f"golden check passed: {run} matches {args.golden} "
+          + ("exactly" if exact else f"within tolerance (quality {args.tol} points, deviation rtol {args.rtol:g})"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
