@@ -40,6 +40,17 @@ RECIPES = {
     "qa_swap": ["variants.qa.swap_params=1.0", "~variants.sum", "~variants.code"],
     "qa_swap_300": ["variants.qa.swap_params=1.0", "variants.qa.steps=300", "~variants.sum", "~variants.code"],
     "qa_swap_half": ["variants.qa.swap_params=0.5", "~variants.sum", "~variants.code"],
+    # Next: head dim 32 (4 query heads, 1 KV head: same parameter count and GQA 4:1) and longer
+    # pretraining; then a wider model (head dim 32, 4x the parameters: 4 such models exceed the 40 MB
+    # committed-family limit in float32, so this one bounds what width alone buys).
+    "hd32_4x": ["model.num_attention_heads=4", "model.num_key_value_heads=1", "pretrain.copy_fraction=0.5",
+                "pretrain.steps=1800"],
+    "hd32_16x": ["model.num_attention_heads=4", "model.num_key_value_heads=1", "pretrain.copy_fraction=0.5",
+                 "pretrain.steps=7200"],
+    "wide256_4x": ["model.hidden_size=256", "model.intermediate_size=768", "pretrain.copy_fraction=0.5",
+                   "pretrain.steps=1800"],
+    "wide256_16x": ["model.hidden_size=256", "model.intermediate_size=768", "pretrain.copy_fraction=0.5",
+                    "pretrain.steps=7200"],
     "tiny_smoke": ["pretrain.copy_fraction=0.5", "pretrain.steps=2", "pretrain.val_batches=1", "variants.qa.steps=2",
                    "variants.sum.steps=2", "variants.code.steps=2", "finetune_val_examples=2",
                    "tokenizer.vocab_size=600"],
