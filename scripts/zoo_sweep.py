@@ -51,9 +51,16 @@ RECIPES = {
                    "pretrain.steps=1800"],
     "wide256_16x": ["model.hidden_size=256", "model.intermediate_size=768", "pretrain.copy_fraction=0.5",
                     "pretrain.steps=7200"],
+    # A first pretraining phase on repeated random segments (zoo.copy_phase): with head dim 32 the
+    # probe learned copying after about 1000 such steps (results/zoo_probe/*_heads4_kv1.jsonl).
+    "hd32_copyphase": ["model.num_attention_heads=4", "model.num_key_value_heads=1", "pretrain.copy_phase.steps=1500"],
+    "hd32_copyphase_4x": ["model.num_attention_heads=4", "model.num_key_value_heads=1",
+                          "pretrain.copy_phase.steps=1500", "pretrain.steps=1800"],
+    "hd32_copyphase_noqa": ["model.num_attention_heads=4", "model.num_key_value_heads=1",
+                           "pretrain.copy_phase.steps=1500", "~variants.qa"],  # code and sum pairs only (CPU-affordable)
     "tiny_smoke": ["pretrain.copy_fraction=0.5", "pretrain.steps=2", "pretrain.val_batches=1", "variants.qa.steps=2",
                    "variants.sum.steps=2", "variants.code.steps=2", "finetune_val_examples=2",
-                   "tokenizer.vocab_size=600"],
+                   "tokenizer.vocab_size=600", "pretrain.copy_phase.steps=2"],
 }
 PAIRS = [("code", "qa", "pycode"), ("code", "base", "pycode"), ("qa", "code", "pyqa"), ("qa", "base", "pyqa"),
          ("sum", "base", "pysum")]

@@ -158,3 +158,27 @@ def test_lora_variant_does_not_depend_on_earlier_rng_draws(tmp_path):
         zoo.build_variant(cfg, "sum", out, AutoTokenizer.from_pretrained(out / "base"))
         digests.append(zoo.sha256_file(out / "sum" / "model.safetensors"))
     assert digests[0] == digests[1]
+
+
+def test_copy_phase_rows_are_repeats_and_phase_is_off_by_default():
+    from omegaconf import OmegaConf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ds_study import zoo
+
+    pool = torch.arange(100, 140)
+    rows = zoo.repeated_segments(pool, 6, 64, torch.Generator().manual_seed(0))
+    assert rows.shape == (6, 64) and bool(torch.isin(rows, pool).all())
+    for row in rows:  # periodic: some period m <= 32 reproduces the row from its first m tokens
+        assert any(torch.equal(row[m:], row[:-m]) for m in range(8, 33))
+    cfg = OmegaConf.load(zoo.CONF_DIR / "zoo.yaml")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=64))
+    train = torch.randint(0, 200, (5000,), generator=torch.Generator().manual_seed(0))
+    before = [p.clone() for p in model.parameters()]
+    assert zoo.copy_phase(cfg, model, train, "cpu") == {}  # committed recipe: no copy phase
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    cfg.pretrain.copy_phase.steps, cfg.pretrain.copy_phase.batch_size = 3, 2
+    stats = zoo.copy_phase(cfg, model, train, "cpu")
+    assert stats["copy_phase_tokens"] == 3 * 2 * 64 and stats["copy_phase_final_loss"] > 0
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
