@@ -409,10 +409,9 @@ def canonical_tokenizer_config(path: Path) -> None:
     with HF_HUB_OFFLINE set or not): they made identical builds hash differently. Written the way
     transformers writes the file."""
     cfg = json.loads(path.read_text(encoding="utf-8"))
-    if any(k in cfg for k in LOAD_TIME_TOKENIZER_KEYS):
-        for k in LOAD_TIME_TOKENIZER_KEYS:
-            cfg.pop(k, None)
-        path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    kept = {k: v for k, v in cfg.items() if k not in LOAD_TIME_TOKENIZER_KEYS}
+    if kept != cfg:
+        path.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,9 +459,6 @@ def build(cfg: DictConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     if previous is not None:  # same tokenizer/model/pretrain recipe: keep the verified base
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(out / "base")
         variants = {"base": previous["variants"]["base"]}
         timings["base"] = previous["build"]["per_variant_seconds"]["base"]
         print(f"reusing the pretrained base in {out / 'base'} (its files match the previous manifest)")
@@ -479,9 +475,9 @@ def build(cfg: DictConfig, out: Path) -> dict:
         _save(base, tokenizer, out / "base")
         timings["base"] = round(time.time() - t0, 1)
         variants = {"base": {"parent": None, **base_stats}}
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(out / "base")  # as a reused base would: same saved tokenizer files
+    tokenizer = AutoTokenizer.from_pretrained(out / "base")  # built or reused: variants save the same tokenizer files
     for name in cfg.variants:
         t1 = time.time()
         variants[name] = {"parent": "base", **build_variant(cfg, name, out, tokenizer)}

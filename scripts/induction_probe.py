@@ -65,10 +65,7 @@ for step in range(steps):
     x = torch.stack([train[s:s + seq] for s in starts])
     for r in range(bs):
         if torch.rand((), generator=g).item() < frac:
-            L = int(torch.randint(8, seq // 2 + 1, (), generator=g))
-            seg = pool[torch.randint(0, len(pool), (L,), generator=g)]
-            reps = seg.repeat(seq // L + 1)[: seq]
-            x[r] = reps
+            x[r] = zoo.repeated_segments(pool, 1, seq, g)[0]  # same draws, in the same order, as before
     loss = model(input_ids=x, labels=x).loss
     loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); opt.zero_grad()
     if step % 50 == 0 or step == steps - 1:

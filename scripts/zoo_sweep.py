@@ -30,6 +30,7 @@ from ds_study.data import TASKS
 from ds_study.executor import parse_plan
 from ds_study.pair import load_pair
 
+HD32 = ["model.num_attention_heads=4", "model.num_key_value_heads=1"]  # head dim 32, same size, GQA 4:1
 RECIPES = {
     "current": [],
     "copy": ["pretrain.copy_fraction=0.5"],
@@ -43,21 +44,17 @@ RECIPES = {
     # Next: head dim 32 (4 query heads, 1 KV head: same parameter count and GQA 4:1) and longer
     # pretraining; then a wider model (head dim 32, 4x the parameters: 4 such models exceed the 40 MB
     # committed-family limit in float32, so this one bounds what width alone buys).
-    "hd32_4x": ["model.num_attention_heads=4", "model.num_key_value_heads=1", "pretrain.copy_fraction=0.5",
-                "pretrain.steps=1800"],
-    "hd32_16x": ["model.num_attention_heads=4", "model.num_key_value_heads=1", "pretrain.copy_fraction=0.5",
-                 "pretrain.steps=7200"],
+    "hd32_4x": [*HD32, "pretrain.copy_fraction=0.5", "pretrain.steps=1800"],
+    "hd32_16x": [*HD32, "pretrain.copy_fraction=0.5", "pretrain.steps=7200"],
     "wide256_4x": ["model.hidden_size=256", "model.intermediate_size=768", "pretrain.copy_fraction=0.5",
                    "pretrain.steps=1800"],
     "wide256_16x": ["model.hidden_size=256", "model.intermediate_size=768", "pretrain.copy_fraction=0.5",
                     "pretrain.steps=7200"],
     # A first pretraining phase on repeated random segments (zoo.copy_phase): with head dim 32 the
     # probe learned copying after about 1000 such steps (results/zoo_probe/*_heads4_kv1.jsonl).
-    "hd32_copyphase": ["model.num_attention_heads=4", "model.num_key_value_heads=1", "pretrain.copy_phase.steps=1500"],
-    "hd32_copyphase_4x": ["model.num_attention_heads=4", "model.num_key_value_heads=1",
-                          "pretrain.copy_phase.steps=1500", "pretrain.steps=1800"],
-    "hd32_copyphase_noqa": ["model.num_attention_heads=4", "model.num_key_value_heads=1",
-                           "pretrain.copy_phase.steps=1500", "~variants.qa"],  # code and sum pairs only (CPU-affordable)
+    "hd32_copyphase": [*HD32, "pretrain.copy_phase.steps=1500"],
+    "hd32_copyphase_4x": [*HD32, "pretrain.copy_phase.steps=1500", "pretrain.steps=1800"],
+    "hd32_copyphase_noqa": [*HD32, "pretrain.copy_phase.steps=1500", "~variants.qa"],  # code and sum pairs only (CPU-affordable)
     "tiny_smoke": ["pretrain.copy_fraction=0.5", "pretrain.steps=2", "pretrain.val_batches=1", "variants.qa.steps=2",
                    "variants.sum.steps=2", "variants.code.steps=2", "finetune_val_examples=2",
                    "tokenizer.vocab_size=600", "pretrain.copy_phase.steps=2"],
