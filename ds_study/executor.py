@@ -416,6 +416,30 @@ def cacheblend_prefill(model, token_ids: list[int], sender: ContextCache, ratio:
     return layers + [(blend.k[i], blend.v[i]) for i in range(check_layer + 1, n)]
 
 
+def suffix_pass(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Final-norm hidden states of ``ids`` run through every layer after the context held in ``cache``.
+
+    Transformers builds an explicit boolean mask for a query block that follows cached tokens, which
+    keeps SDPA off its flash kernel: on a GPU, 32 suffix tokens against an 8K context then cost more
+    than the layers' matrix products. The same causal attention, expressed as torch's lower-right
+    causal bias, runs the flash kernel (with split-KV for a short query block) on CUDA and
+    materializes the identical mask elsewhere. Used where it is exact: SDPA attention, only
+    full-attention layers, a non-empty context and more than one new token; otherwise
+    Transformers' own forward.
+    """
+    cfg, n = model.config, model.config.num_hidden_layers
+    past, new = cache.get_seq_length(), ids.shape[1]
+    if (past == 0 or new == 1 or getattr(cfg, "_attn_implementation", None) != "sdpa"
+            or any(layer_type(cfg, i) != "full_attention" for i in range(n))):
+        return model.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
+    from torch.nn.attention.bias import causal_lower_right
+
+    positions = torch.arange(past, past + new, device=ids.device).unsqueeze(0)
+    hidden = run_layers(model, model.model.embed_tokens(ids), positions, 0, n, cache,
+                        mask=causal_lower_right(new, past + new))
+    return model.model.norm(hidden)
+
+
 @dataclass
 class Decoded:
     token_ids: list[int]
@@ -439,8 +463,7 @@ def decode(model, layers: list[tuple], suffix_ids, max_new_tokens: int,
     if cache is None:
         cache = DynamicCache(ddp_cache_data=[(k.to(device), v.to(device)) for k, v in layers], config=model.config)
     ids = suffix_ids if torch.is_tensor(suffix_ids) else torch.tensor([suffix_ids], device=device)
-    out = model.model(input_ids=ids, cache=cache, use_cache=True)
-    hidden = out.last_hidden_state[0]
+    hidden = suffix_pass(model, ids, cache)[0]
     logits = model.lm_head(hidden[-1:])[0]
     first, generated = logits, []
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])

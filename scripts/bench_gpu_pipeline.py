@@ -29,12 +29,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from ds_study.engine import (Arrivals, Engine, KVStore, Link, Request, check_request, context_hash, entry_key,
                              execute, publish, transfer_items)
-from ds_study.executor import LayerKV, run_layers
+from ds_study.executor import LayerKV, recompute_group, run_layers, suffix_pass
 
 SHAPES = {  # Llama-3-8B geometry (reference.md §2) and a tiny one for CPU tests
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
@@ -149,12 +150,61 @@ def measured(fn, reps: int) -> float:
     return statistics.median([fn() for _ in range(reps + 1)][1:])
 
 
+def gpu_ms(fn, reps: int, device) -> tuple[float, float]:
+    """(median wall ms from a synchronized start to the end of the GPU work, median ms until ``fn``
+    returns to the host). Where the second is close to the first, the host issues kernels no faster
+    than the GPU runs them: the phase is host-bound."""
+    fn()
+    wall, issue = [], []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        issue.append(time.perf_counter() - t)
+        sync(device)
+        wall.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(wall), 1e3 * statistics.median(issue)
+
+
+@torch.no_grad()
+def breakdown(model, prefix: list[int], suffix: list[int], plan: str, store: KVStore, args, device) -> dict:
+    """Each compute phase alone, everything already on the device: the recompute group from E, and
+    the 32-token suffix pass over all layers, with transformers' own forward (explicit boolean mask)
+    and with the executor's lower-right causal path (``executor.suffix_pass``)."""
+    from transformers import DynamicCache
+
+    n, T = model.config.num_hidden_layers, len(prefix)
+    a, b = (int(x) for x in plan.split("-"))
+    ctx = context_hash(prefix)
+    e = store.get(entry_key("sender", "receiver", ctx, a, "e"), verify=False).to(device)
+    kv = [tuple(store.get(entry_key("sender", "receiver", ctx, i, k), verify=False).to(device) for k in ("k", "v"))
+          for i in range(n)]
+    ids = torch.tensor([suffix], device=device)
+
+    def cache():
+        return DynamicCache(ddp_cache_data=kv, config=model.config)
+
+    rec = {"bench": "gpu_pipeline", "event": "breakdown", "tokens": T, "plan": plan, "suffix": len(suffix)}
+    rec["recompute_ms"], rec["recompute_issue_ms"] = gpu_ms(
+        lambda: recompute_group(model, a, b, prefix, SimpleNamespace(embeds={a: e})), args.reps, device)
+    rec["suffix_hf_ms"], rec["suffix_hf_issue_ms"] = gpu_ms(
+        lambda: model.model(input_ids=ids, cache=cache(), use_cache=True), args.reps, device)
+    rec["suffix_lower_right_ms"], rec["suffix_lower_right_issue_ms"] = gpu_ms(
+        lambda: suffix_pass(model, ids, cache()), args.reps, device)
+    emit(rec)
+    log(f"# T={T:>6} {plan}: recompute {rec['recompute_ms']:.1f} ms (host issue {rec['recompute_issue_ms']:.1f}); "
+        f"suffix pass: transformers mask {rec['suffix_hf_ms']:.1f} (issue {rec['suffix_hf_issue_ms']:.1f}), "
+        f"lower-right {rec['suffix_lower_right_ms']:.1f} (issue {rec['suffix_lower_right_issue_ms']:.1f})")
+    return rec
+
+
 def bench_context(model, prefix: list[int], suffix: list[int], plan: str, args, device, h2d) -> list[dict]:
     """Every measurement at one context length; returns one record per link."""
     n, T = model.config.num_hidden_layers, len(prefix)
     a = int(plan.split("-")[0])
     store = KVStore(pin_memory=device.type == "cuda")
     capture_to_store(model, prefix, a, store, "sender", "receiver", device)
+    records = [breakdown(model, prefix, suffix, plan, store, args, device)] if args.breakdown else []
 
     def req():
         return Request("r", model, "receiver", "sender", plan, prefix, suffix, 1)
@@ -195,7 +245,6 @@ def bench_context(model, prefix: list[int], suffix: list[int], plan: str, args, 
             emit({"bench": "gpu_pipeline", "event": "sync_points", "tokens": T, "run": name, "points": pts})
             log(f"# host waits in {name} (T={T}): " + ("; ".join(pts) or "none"))
     on_dev.clear()
-    records = []
     for spec in args.links.split(","):
         if spec == "host":
             link, rate = Link(None, 0.0, 1 << 40), h2d  # unpaced: whole tensors, as fast as the copy engine
@@ -230,7 +279,11 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--tokens", default="4096,8192,16384")
     p.add_argument("--suffix", type=int, default=32, help="prompt tokens after the shared context")
-    p.add_argument("--recompute", type=int, default=4, help="recompute the last N layers")
+    p.add_argument("--recompute", type=int, default=4, help="recompute the last N layers (unless --plans)")
+    p.add_argument("--plans", default=None,
+                   help="comma-separated recompute groups, e.g. 28-31,22-25 (default: the last --recompute layers)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each compute phase alone (recompute, suffix pass with and without the mask)")
     p.add_argument("--links", default="host,100", help="'host' (unpaced) and/or Gbit/s values")
     p.add_argument("--chunk-mb", type=float, default=4.0, help="chunk size of paced links")
     p.add_argument("--reps", type=int, default=5)
@@ -246,10 +299,14 @@ def main(argv=None) -> dict:
         sys.exit("CUDA is not available; run with --device cpu --shape tiny for the CPU smoke test")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokens = [int(t) for t in args.tokens.split(",")]
+    n = SHAPES[args.shape]["num_hidden_layers"]
+    plans = args.plans.split(",") if args.plans else [f"{n - args.recompute}-{n - 1}"]
+    for plan in plans:  # checked before the model is built
+        a, _, b = plan.partition("-")
+        if not (a.isdigit() and b.isdigit() and 0 < int(a) <= int(b) < n):
+            sys.exit(f"--plans: {plan!r} is not a group a-b with 0 < a <= b < {n} (a recompute group that starts from E)")
     t_start = time.perf_counter()
     model = build_model(args.shape, device, dtype, max(tokens) + args.suffix + 8)
-    n = model.config.num_hidden_layers
-    plan = f"{n - args.recompute}-{n - 1}"
     cmd = sys.argv if argv is None else ["scripts/bench_gpu_pipeline.py", *argv]
     env = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
            "torch": torch.__version__, "cuda": torch.version.cuda, "shape": args.shape, "dtype": str(dtype),
@@ -257,13 +314,14 @@ def main(argv=None) -> dict:
     h2d = h2d_bandwidth(device, args.h2d_mb << 20, args.reps)
     env["h2d_gbytes_per_s"] = h2d / 1e9 if h2d else None
     emit({"bench": "gpu_pipeline", "event": "env", **env})
-    log(f"# {env['gpu'] or 'CPU'}  {args.shape} {dtype}  recompute layers {plan} of {n}  "
+    log(f"# {env['gpu'] or 'CPU'}  {args.shape} {dtype}  recompute layers {', '.join(plans)} of {n}  "
         f"pinned H2D {env['h2d_gbytes_per_s'] or float('nan'):.1f} GB/s")
     records = []
     g = torch.Generator().manual_seed(0)
     for T in tokens:
         ids = torch.randint(10, model.config.vocab_size, (T + args.suffix,), generator=g).tolist()
-        records += bench_context(model, ids[:T], ids[T:], plan, args, device, h2d)
+        for plan in plans:
+            records += bench_context(model, ids[:T], ids[T:], plan, args, device, h2d)
     out = {"environment": env, "results": records, "wall_s": time.perf_counter() - t_start}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ds_study.caches import CacheChecksumError, ContextCache, analytic_bytes_per_token
-from ds_study.executor import (PlanError, capture, decode, parse_plan, partial_prefill, run_plan)
+from ds_study.executor import (PlanError, capture, decode, parse_plan, partial_prefill, run_plan, suffix_pass)
 from ds_study.pair import UnsupportedArchitecture
 
 torch.manual_seed(0)
@@ -180,3 +180,24 @@ def test_reuse_only_reads_sender_kv_at_that_layer_only():
     assert not torch.allclose(layers[3][0], rc.keys[3], atol=1e-4)  # after it: changed by what layer 2 read
     same = partial_prefill(receiver, plan, prefix, rc)  # reusing its own KV changes nothing
     assert all(torch.allclose(a[0], b, atol=1e-5) for a, b in zip(same, rc.keys))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("n_new", [1, 2, 7])
+def test_suffix_pass_is_bitwise_transformers_forward(arch, n_new):
+    """The lower-right causal suffix pass (flash-eligible on CUDA) computes exactly what transformers'
+    own forward computes after a cache, hidden states and the cache it extends alike."""
+    from transformers import DynamicCache
+
+    model = tiny_model(arch)
+    prefix, suffix = prompt(n_suffix=n_new)
+    caches = [DynamicCache(config=model.config) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            model.model(input_ids=torch.tensor([prefix]), cache=c, use_cache=True)
+        ids = torch.tensor([suffix])
+        want = model.model(input_ids=ids, cache=caches[0], use_cache=True).last_hidden_state
+        got = suffix_pass(model, ids, caches[1])
+    assert torch.equal(got, want)
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+               for a, b in zip(caches[0].layers, caches[1].layers))
