@@ -25,6 +25,8 @@ import re
 import sys
 import threading
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,8 +36,8 @@ import torch
 from transformers import DynamicCache
 
 from ds_study.caches import KINDS, CacheChecksumError, ContextCache, tensors_sha256
-from ds_study.executor import (Plan, PlanError, check_supported, decode, groups_plan, parse_plan, recompute_group,
-                               recompute_group_streaming)
+from ds_study.executor import (Plan, PlanError, check_supported, decode, greedy_after, groups_plan, lower_right_exact,
+                               parse_plan, recompute_group, recompute_group_streaming, run_layer)
 
 STRATEGIES: dict[str, str] = {
     "send_all": "(a) load E and every layer's KV, then recompute",
@@ -701,9 +703,125 @@ class Request:
     arrival: float = 0.0  # seconds after the run starts
 
 
+class SuffixGraphs:
+    """The final prompt pass as one CUDA graph per step (embedding, each decoder layer, norm + head),
+    for one model, context length and suffix length.
+
+    Eager transformers layers are host-bound for a short suffix: on an H200 host a 32-token pass
+    over 32 Llama-3-8B layers took as long to launch as to run, about 1.5 ms per layer
+    (``scripts/bench_gpu_pipeline.py --breakdown``), while the GPU needs a fraction of that. A graph
+    replays a layer's kernels with one launch. One graph per layer rather than one for the pass keeps
+    the pipelining: between two replays the compute stream waits on that layer's arrival event,
+    which a graph cannot contain. Static buffers: the suffix ids, every layer's context K/V (an
+    arrival is copied in on the device), the hidden-state chain and the outputs. ``capture=False``
+    runs the same steps eagerly on the same buffers (CPU; tests compare it with ``decode``).
+    Graphs are captured on the first request of a shape (``capture_s``); ``graphs_for`` keeps a few
+    shapes per model. A server would pad context lengths to a few buckets; this engine does not.
+    """
+
+    def __init__(self, model, n_ctx: int, n_new: int, capture: bool):
+        from torch.nn.attention.bias import causal_lower_right
+
+        from ds_study.pair import shape_of
+
+        p, cfg, shape = next(model.parameters()), model.config, shape_of(model.config)
+        if not lower_right_exact(model, n_ctx, n_new):
+            raise EngineError("a graphed final pass needs SDPA, full-attention layers, a context and >1 suffix token")
+        self.model, self.n = model, cfg.num_hidden_layers
+        kv_shape = (1, shape["num_key_value_heads"], n_ctx, shape["head_dim"])
+        self.ids = torch.zeros((1, n_new), dtype=torch.long, device=p.device)
+        self.k = [torch.zeros(kv_shape, dtype=p.dtype, device=p.device) for _ in range(self.n)]
+        self.v = [torch.zeros(kv_shape, dtype=p.dtype, device=p.device) for _ in range(self.n)]
+        self.positions = torch.arange(n_ctx, n_ctx + n_new, device=p.device).unsqueeze(0)
+        self.mask = causal_lower_right(n_new, n_ctx + n_new)
+        self.cache = DynamicCache(ddp_cache_data=list(zip(self.k, self.v)), config=cfg)
+        self.graphs: list | None = None
+        self.capture_s = 0.0
+        self._keep: list = []  # every step's outputs stay allocated: the next graph reads them
+        if capture:
+            self._capture()
+
+    def _reset(self) -> None:
+        for i, layer in enumerate(self.cache.layers):
+            layer.keys, layer.values = self.k[i], self.v[i]
+
+    def _step(self, i: int) -> None:
+        """Step -1: embedding and rotary tables; 0..n-1: decoder layer i; n: final norm and the head."""
+        inner = self.model.model
+        if i < 0:
+            self.hidden = inner.embed_tokens(self.ids)
+            self.pos_emb = inner.rotary_emb(self.hidden, position_ids=self.positions)
+        elif i < self.n:
+            self.hidden = run_layer(self.model, i, self.hidden, self.mask, self.pos_emb, self.positions, self.cache)
+        else:
+            self.normed = inner.norm(self.hidden)
+            self.logits = self.model.lm_head(self.normed[:, -1:])
+        self._keep.append(self.hidden)
+
+    def _capture(self) -> None:
+        t = time.perf_counter()
+        side = torch.cuda.Stream(self.ids.device)
+        side.wait_stream(torch.cuda.current_stream(self.ids.device))
+        with torch.cuda.stream(side):  # warm-up outside capture: lazy library init, workspaces
+            for _ in range(2):
+                self._reset()
+                for i in range(-1, self.n + 1):
+                    self._step(i)
+        torch.cuda.current_stream(self.ids.device).wait_stream(side)
+        self._reset()
+        self._keep.clear()
+        pool, self.graphs = torch.cuda.graph_pool_handle(), []
+        for i in range(-1, self.n + 1):  # one pool: replayed in capture order, later steps may reuse earlier temporaries
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):  # the loader thread may be copying
+                self._step(i)
+            self.graphs.append(g)
+        torch.cuda.synchronize(self.ids.device)
+        self.capture_s = time.perf_counter() - t
+
+    def run(self, ids: torch.Tensor, fetch: Callable[[int], tuple]) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """The pass for suffix ``ids`` (1, n_new); ``fetch(i)`` gives layer i's context K/V (it may block
+        and make the compute stream wait for the arrival). Returns the suffix's final-norm hidden
+        states [n_new, hidden], the first token's logits [vocab], and per step (host launch start,
+        end) times; the K/V of context plus suffix stay in ``self.cache`` until the next run."""
+        times = []
+        if self.graphs is None:
+            self._reset()
+            self._keep.clear()
+        self.ids.copy_(ids, non_blocking=True)
+        for i in range(-1, self.n + 1):
+            start = time.perf_counter()
+            if 0 <= i < self.n:
+                k, v = fetch(i)
+                self.k[i].copy_(k, non_blocking=True)
+                self.v[i].copy_(v, non_blocking=True)
+            if self.graphs is None:
+                self._step(i)
+            else:
+                self.graphs[i + 1].replay()
+            times.append((start, time.perf_counter()))
+        return self.normed[0], self.logits[0, -1], times
+
+
+_GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+GRAPH_SHAPES_PER_MODEL = 4  # each holds a context's K/V twice (static copy + the pass's own)
+
+
+def graphs_for(model, n_ctx: int, n_new: int) -> SuffixGraphs:
+    """The model's graphed final pass for this shape, captured on first use (eager steps off CUDA)."""
+    shapes = _GRAPHS.setdefault(model, OrderedDict())
+    key = (n_ctx, n_new)
+    if key not in shapes:
+        while len(shapes) >= GRAPH_SHAPES_PER_MODEL:
+            shapes.popitem(last=False)
+        shapes[key] = SuffixGraphs(model, n_ctx, n_new, capture=next(model.parameters()).is_cuda)
+    shapes.move_to_end(key)
+    return shapes[key]
+
+
 @torch.no_grad()
 def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: LayerClock, recomputed: dict,
-                        fetch_e_rows=None, chunk: int = 0):
+                        fetch_e_rows=None, chunk: int = 0, graphs: bool = False):
     """Recompute the plan's groups (E from ``fetch_e``), then the final pass over all layers, taking
     reused layers' K/V from ``fetch_kv`` as they arrive, then greedy decoding."""
     model = req.model
@@ -724,8 +842,22 @@ def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: Laye
             clock.phase = None
         kv = recomputed[(a, b)]
         own.update({i: (kv.k[i], kv.v[i]) for i in range(a, b + 1)})
-    cache = ArrivalCache(model.config, len(req.prefix_ids), lambda i: own[i] if i in own else fetch_kv(i),
-                         p.dtype, p.device)
+    fetch = lambda i: own[i] if i in own else fetch_kv(i)  # noqa: E731
+    n_ctx, n_new = len(req.prefix_ids), len(req.suffix_ids)
+    if graphs and lower_right_exact(model, n_ctx, n_new):
+        g = graphs_for(model, n_ctx, n_new)  # a capture runs the steps: outside the clock's "final" phase
+        clock.phase = "final"
+        hidden, logits, times = g.run(suffix, fetch)
+        if g.graphs is not None:  # replays fire no module hooks: the first token's time and the layer spans
+            if p.is_cuda:
+                torch.cuda.synchronize(p.device)
+            clock.first_token_at = time.perf_counter() - clock.t0
+            clock.spans.extend(Span(req.name, "final", s - clock.t0, e - clock.t0, i)
+                               for i, (s, e) in enumerate(times[1:-1]))
+        clock.phase = None
+        cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in g.cache.layers], config=model.config)
+        return greedy_after(model, cache, hidden, req.max_new_tokens, req.eos_token_id, logits=logits)
+    cache = ArrivalCache(model.config, n_ctx, fetch, p.dtype, p.device)
     clock.phase = "final"
     out = decode(model, [], suffix, req.max_new_tokens, req.eos_token_id, cache=cache)
     clock.phase = None
@@ -734,7 +866,7 @@ def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: Laye
 
 @torch.no_grad()
 def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout_s: float,
-            e_chunk_tokens: int = 0) -> RequestResult:
+            e_chunk_tokens: int = 0, graphs: bool = False) -> RequestResult:
     """Serve one request on the calling thread while a loader fills ``arrivals``.
 
     Non-streaming strategies wait for every item first; streaming ones wait for each E just before
@@ -779,7 +911,7 @@ def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout
                         spans.append(Span(req.name, "wait", start, arrivals.now()))
                     if arrivals.rejected:
                         raise EntryRejected(next(iter(arrivals.rejected)), "checksum mismatch")
-                out = _prefill_and_decode(req, plan, fetch_e, fetch_kv, clock, recomputed, *stream)
+                out = _prefill_and_decode(req, plan, fetch_e, fetch_kv, clock, recomputed, *stream, graphs=graphs)
             except EntryRejected:
                 arrivals.wait_all(timeout_s)  # know every rejected entry before replanning
                 bad_kv = [it.layer for it in arrivals.rejected if it.kind == "kv"]
@@ -788,13 +920,13 @@ def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout
                 result.rejected = sorted(it.name for it in arrivals.rejected)
                 result.repaired_plan = fixed.name
                 clock.phase, clock.first_token_at = None, None
-                out = _prefill_and_decode(req, fixed, fetch_e, fetch_kv, clock, recomputed)
+                out = _prefill_and_decode(req, fixed, fetch_e, fetch_kv, clock, recomputed, graphs=graphs)
         except TransferFailed as e:
             arrivals.cancelled.set()
             result.fallback, result.reason = "full_prefill", str(e)
             spans.append(Span(req.name, "fallback", arrivals.now(), arrivals.now()))
             clock.phase, clock.first_token_at = None, None
-            out = _prefill_and_decode(req, parse_plan("full_prefill", n), None, None, clock, {})
+            out = _prefill_and_decode(req, parse_plan("full_prefill", n), None, None, clock, {}, graphs=graphs)
     arrivals.prefilled_at = t0 + (clock.first_token_at if clock.first_token_at is not None else arrivals.now())
     arrivals.prefilled.set()
     result.ttft = (clock.first_token_at if clock.first_token_at is not None else arrivals.now()) - req.arrival
@@ -899,16 +1031,20 @@ class Engine:
     rather than copy speed. ``gil_switch_s``: Python's thread switch interval during a run. The
     compute thread holds the GIL while it issues kernels, so with the default 5 ms a loader thread
     whose chunk is due waits up to 5 ms to issue it; a short interval keeps the link on schedule.
-    ``e_chunk_tokens``: streaming strategies start a recompute group once the first this-many token
+    ``suffix_graphs``: run the final prompt pass as per-layer CUDA graphs (``SuffixGraphs``; default:
+    on CUDA). ``e_chunk_tokens``: streaming strategies start a recompute group once the first this-many token
     rows of its E have arrived, and go on chunk by chunk as E streams in (host-memory loaders report
     progress per link chunk; 0: wait for the whole E, as the paper's schedule).
     """
 
     def __init__(self, store: KVStore, link: Link, timeout_s: float = 30.0, device=None, verify: bool = True,
-                 gil_switch_s: float | None = 2e-4, e_chunk_tokens: int = 64):
+                 gil_switch_s: float | None = 2e-4, e_chunk_tokens: int = 64, suffix_graphs: bool | None = None):
         self.store, self.link, self.timeout_s, self.verify = store, link, timeout_s, verify
         self.device = torch.device(device) if device is not None else None
         self.gil_switch_s, self.e_chunk_tokens = gil_switch_s, e_chunk_tokens
+        # None: on CUDA only (where it pays); True on CPU runs the same static-buffer steps eagerly
+        self.suffix_graphs = (self.device is not None and self.device.type == "cuda") if suffix_graphs is None \
+            else suffix_graphs
 
     def run(self, requests: list[Request], strategy: str) -> list[RequestResult]:
         previous = sys.getswitchinterval()
@@ -938,7 +1074,7 @@ class Engine:
         results = []
         for (req, strat, plan, _), (_, _, arr) in zip(checked, jobs):
             _sleep_until(t0 + req.arrival)
-            results.append(execute(req, strat, plan, arr, self.timeout_s, self.e_chunk_tokens))
+            results.append(execute(req, strat, plan, arr, self.timeout_s, self.e_chunk_tokens, self.suffix_graphs))
         for _, _, arr in jobs:
             arr.cancelled.set()
         loader.join(timeout=self.timeout_s)

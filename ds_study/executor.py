@@ -225,10 +225,15 @@ def run_layers(model, hidden: torch.Tensor, position_ids: torch.Tensor, start: i
         if record_inputs is not None:
             record_inputs[i] = hidden
         m = mask if mask is not None else masks[layer_type(model.config, i)]
-        out = inner.layers[i](hidden, attention_mask=m, position_embeddings=pos_emb, position_ids=position_ids,
-                              cache=cache, use_cache=True)
-        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = run_layer(model, i, hidden, m, pos_emb, position_ids, cache)
     return hidden
+
+
+def run_layer(model, i: int, hidden: torch.Tensor, mask, pos_emb, position_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Decoder layer ``i`` of ``model``, its K/V written to (and read back from) ``cache``."""
+    out = model.model.layers[i](hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
+                                cache=cache, use_cache=True)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _positions(n: int, device) -> torch.Tensor:
@@ -416,26 +421,31 @@ def cacheblend_prefill(model, token_ids: list[int], sender: ContextCache, ratio:
     return layers + [(blend.k[i], blend.v[i]) for i in range(check_layer + 1, n)]
 
 
+def lower_right_exact(model, past: int, new: int) -> bool:
+    """Whether ``new`` tokens after ``past`` cached ones can attend through torch's lower-right causal
+    bias and compute exactly what transformers' own forward computes: SDPA attention, only
+    full-attention layers (no sliding window), a non-empty context, more than one new token."""
+    cfg = model.config
+    return (past > 0 and new > 1 and getattr(cfg, "_attn_implementation", None) == "sdpa"
+            and all(layer_type(cfg, i) == "full_attention" for i in range(cfg.num_hidden_layers)))
+
+
 def suffix_pass(model, ids: torch.Tensor, cache) -> torch.Tensor:
     """Final-norm hidden states of ``ids`` run through every layer after the context held in ``cache``.
 
-    Transformers builds an explicit boolean mask for a query block that follows cached tokens, which
-    keeps SDPA off its flash kernel: on a GPU, 32 suffix tokens against an 8K context then cost more
-    than the layers' matrix products. The same causal attention, expressed as torch's lower-right
-    causal bias, runs the flash kernel (with split-KV for a short query block) on CUDA and
-    materializes the identical mask elsewhere. Used where it is exact: SDPA attention, only
-    full-attention layers, a non-empty context and more than one new token; otherwise
-    Transformers' own forward.
+    Transformers builds an explicit boolean mask for a query block that follows cached tokens; the
+    same causal attention expressed as torch's lower-right causal bias needs no mask tensor (on
+    CUDA SDPA may then pick its flash kernel; elsewhere it materializes the identical mask, so on
+    CPU the result is bitwise transformers', tested). It is also what the engine's CUDA-graphed
+    final pass captures. Where ``lower_right_exact`` says no: transformers' own forward.
     """
-    cfg, n = model.config, model.config.num_hidden_layers
     past, new = cache.get_seq_length(), ids.shape[1]
-    if (past == 0 or new == 1 or getattr(cfg, "_attn_implementation", None) != "sdpa"
-            or any(layer_type(cfg, i) != "full_attention" for i in range(n))):
+    if not lower_right_exact(model, past, new):
         return model.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
     from torch.nn.attention.bias import causal_lower_right
 
     positions = torch.arange(past, past + new, device=ids.device).unsqueeze(0)
-    hidden = run_layers(model, model.model.embed_tokens(ids), positions, 0, n, cache,
+    hidden = run_layers(model, model.model.embed_tokens(ids), positions, 0, model.config.num_hidden_layers, cache,
                         mask=causal_lower_right(new, past + new))
     return model.model.norm(hidden)
 
@@ -463,8 +473,17 @@ def decode(model, layers: list[tuple], suffix_ids, max_new_tokens: int,
     if cache is None:
         cache = DynamicCache(ddp_cache_data=[(k.to(device), v.to(device)) for k, v in layers], config=model.config)
     ids = suffix_ids if torch.is_tensor(suffix_ids) else torch.tensor([suffix_ids], device=device)
-    hidden = suffix_pass(model, ids, cache)[0]
-    logits = model.lm_head(hidden[-1:])[0]
+    return greedy_after(model, cache, suffix_pass(model, ids, cache)[0], max_new_tokens, eos_token_id, stop)
+
+
+@torch.no_grad()
+def greedy_after(model, cache, hidden: torch.Tensor, max_new_tokens: int, eos_token_id=None, stop=None,
+                 logits: torch.Tensor | None = None) -> Decoded:
+    """Greedy decoding once the prompt has been run: ``hidden`` [suffix, hidden] are its final-norm
+    states, ``cache`` holds every prompt token's K/V, ``logits`` the first token's (if already computed)."""
+    device = hidden.device
+    if logits is None:
+        logits = model.lm_head(hidden[-1:])[0]
     first, generated = logits, []
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
     for _ in range(max_new_tokens):

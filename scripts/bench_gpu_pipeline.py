@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import torch
 
 from ds_study.engine import (Arrivals, Engine, KVStore, Link, Request, check_request, context_hash, entry_key,
-                             execute, publish, transfer_items)
+                             execute, graphs_for, publish, transfer_items)
 from ds_study.executor import LayerKV, recompute_group, run_layers, suffix_pass
 
 SHAPES = {  # Llama-3-8B geometry (reference.md §2) and a tiny one for CPU tests
@@ -191,10 +191,16 @@ def breakdown(model, prefix: list[int], suffix: list[int], plan: str, store: KVS
         lambda: model.model(input_ids=ids, cache=cache(), use_cache=True), args.reps, device)
     rec["suffix_lower_right_ms"], rec["suffix_lower_right_issue_ms"] = gpu_ms(
         lambda: suffix_pass(model, ids, cache()), args.reps, device)
+    graphs = graphs_for(model, T, len(suffix))  # the engine's per-layer graphs (captured here, reused by its runs)
+    rec["graph_capture_s"] = graphs.capture_s
+    rec["suffix_graphs_ms"], rec["suffix_graphs_issue_ms"] = gpu_ms(lambda: graphs.run(ids, kv.__getitem__), args.reps,
+                                                                    device)
     emit(rec)
     log(f"# T={T:>6} {plan}: recompute {rec['recompute_ms']:.1f} ms (host issue {rec['recompute_issue_ms']:.1f}); "
         f"suffix pass: transformers mask {rec['suffix_hf_ms']:.1f} (issue {rec['suffix_hf_issue_ms']:.1f}), "
-        f"lower-right {rec['suffix_lower_right_ms']:.1f} (issue {rec['suffix_lower_right_issue_ms']:.1f})")
+        f"lower-right {rec['suffix_lower_right_ms']:.1f} (issue {rec['suffix_lower_right_issue_ms']:.1f}), "
+        f"per-layer graphs {rec['suffix_graphs_ms']:.1f} (issue {rec['suffix_graphs_issue_ms']:.1f}; "
+        f"captured in {rec['graph_capture_s']:.2f} s)")
     return rec
 
 
@@ -210,7 +216,8 @@ def bench_context(model, prefix: list[int], suffix: list[int], plan: str, args, 
         return Request("r", model, "receiver", "sender", plan, prefix, suffix, 1)
 
     def engine_run(strategy: str, link: Link):
-        (res,) = Engine(store, link, timeout_s=300, device=device, verify=False).run([req()], strategy)
+        (res,) = Engine(store, link, timeout_s=300, device=device, verify=False,
+                        suffix_graphs=args.suffix_graphs == "on").run([req()], strategy)
         assert res.fallback is None, res.reason
         return res
 
@@ -233,7 +240,7 @@ def bench_context(model, prefix: list[int], suffix: list[int], plan: str, args, 
             arr.deliver(it, on_dev[it], 0, 0)
         sync(device)
         arr.t0 = time.perf_counter()
-        return execute(req(), strat, pl, arr, 300).ttft
+        return execute(req(), strat, pl, arr, 300, graphs=args.suffix_graphs == "on").ttft
 
     one = statistics.median(timed(one_pass, args.reps, device))
     full = measured(lambda: engine_run("full_prefill", Link()).ttft, args.reps)
@@ -282,6 +289,8 @@ def main(argv=None) -> dict:
     p.add_argument("--recompute", type=int, default=4, help="recompute the last N layers (unless --plans)")
     p.add_argument("--plans", default=None,
                    help="comma-separated recompute groups, e.g. 28-31,22-25 (default: the last --recompute layers)")
+    p.add_argument("--suffix-graphs", choices=("on", "off"), default=None,
+                   help="final prompt pass as per-layer CUDA graphs (default: on for cuda, off for cpu)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time each compute phase alone (recompute, suffix pass with and without the mask)")
     p.add_argument("--links", default="host,100", help="'host' (unpaced) and/or Gbit/s values")
@@ -297,6 +306,8 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("CUDA is not available; run with --device cpu --shape tiny for the CPU smoke test")
+    if args.suffix_graphs is None:
+        args.suffix_graphs = "on" if device.type == "cuda" else "off"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokens = [int(t) for t in args.tokens.split(",")]
     n = SHAPES[args.shape]["num_hidden_layers"]
@@ -310,7 +321,8 @@ def main(argv=None) -> dict:
     cmd = sys.argv if argv is None else ["scripts/bench_gpu_pipeline.py", *argv]
     env = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
            "torch": torch.__version__, "cuda": torch.version.cuda, "shape": args.shape, "dtype": str(dtype),
-           "python": platform.python_version(), "command": "python " + " ".join(cmd)}
+           "python": platform.python_version(), "command": "python " + " ".join(cmd),
+           "suffix_graphs": args.suffix_graphs}
     h2d = h2d_bandwidth(device, args.h2d_mb << 20, args.reps)
     env["h2d_gbytes_per_s"] = h2d / 1e9 if h2d else None
     emit({"bench": "gpu_pipeline", "event": "env", **env})

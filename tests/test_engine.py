@@ -184,6 +184,39 @@ def test_every_strategy_equals_partial_prefill(arch, plan):
                                            for k in it.entry_kinds()) for it in sent)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_suffix_graph_steps_compute_what_the_eager_pass_computes(arch):
+    """The graphed final pass (its steps run eagerly on CPU, on the same static buffers a CUDA capture
+    uses) gives bitwise the tokens and logits of the engine's eager pass, for every strategy, twice
+    over (the second run reuses the buffers of the first), with the final layers in the timeline."""
+    receiver, _, sc, store, prefix, suffix = setup(arch)
+    for strategy, plan in (("pipelined", "2-3"), ("send_reused", "1-2"), ("full_prefill", None), ("full_reuse", None)):
+        req = Request("g", receiver, "r", "s", plan, prefix, suffix, max_new_tokens=6)
+        (eager,) = Engine(store, Link(gbps=0.05, chunk_bytes=1024), suffix_graphs=False).run([req], strategy)
+        for _ in range(2):
+            (graphed,) = Engine(store, Link(gbps=0.05, chunk_bytes=1024), suffix_graphs=True).run([req], strategy)
+            assert graphed.token_ids == eager.token_ids, strategy
+            assert torch.equal(graphed.first_logits, eager.first_logits), strategy
+            assert sorted(s.layer for s in graphed.spans if s.op == "final") == [0, 1, 2, 3]
+    assert (len(prefix), len(suffix)) in engine_graphs(receiver)
+
+
+def engine_graphs(model):
+    from ds_study.engine import _GRAPHS
+
+    return _GRAPHS.get(model, {})
+
+
+def test_suffix_graphs_need_an_exact_lower_right_pass():
+    from ds_study.engine import SuffixGraphs
+
+    model = tiny_model("llama")
+    with pytest.raises(EngineError, match="graphed final pass"):
+        SuffixGraphs(model, 40, 1, capture=False)  # one new token: transformers takes another kernel path
+    with pytest.raises(EngineError, match="graphed final pass"):
+        SuffixGraphs(model, 0, 4, capture=False)
+
+
 def test_full_prefill_and_full_reuse_strategies():
     receiver, sender, sc, store, prefix, suffix = setup()
     own = capture(receiver, prefix)
