@@ -821,33 +821,62 @@ def graphs_for(model, n_ctx: int, n_new: int) -> SuffixGraphs:
 
 @torch.no_grad()
 def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: LayerClock, recomputed: dict,
-                        fetch_e_rows=None, chunk: int = 0, graphs: bool = False):
+                        fetch_e_rows=None, chunk: int = 0, graphs: bool = False, overlap: bool = True):
     """Recompute the plan's groups (E from ``fetch_e``), then the final pass over all layers, taking
-    reused layers' K/V from ``fetch_kv`` as they arrive, then greedy decoding."""
+    reused layers' K/V from ``fetch_kv`` as they arrive, then greedy decoding.
+
+    With ``graphs`` the final pass runs as ``SuffixGraphs``. On CUDA, with ``overlap``, the groups recompute on a
+    side stream while the final pass runs on a high-priority one: the suffix's way through the
+    layers before a group does not depend on that group, so it overlaps the recomputation instead
+    of queueing behind it; the pass waits on a group's event only when it reaches that group.
+    """
     model = req.model
     p = next(model.parameters())
     suffix = torch.tensor([req.suffix_ids], device=p.device)  # staged before any GPU work is queued (see decode)
+    n_ctx, n_new = len(req.prefix_ids), len(req.suffix_ids)
+    g = graphs_for(model, n_ctx, n_new) if graphs and lower_right_exact(model, n_ctx, n_new) else None
+    streams = _overlap_streams(p.device) if g is not None and p.is_cuda and overlap else None
     own: dict[int, tuple] = {}
+    ready: dict[int, object] = {}  # layer -> CUDA event: its group's recomputation is done
     for a, b in plan.groups:
         if (a, b) not in recomputed:
             clock.phase = "recompute"
-            if a > 0 and fetch_e_rows is not None and chunk:
-                # E streams in: recompute token chunks as their E rows land, then check the whole E
-                kv = recompute_group_streaming(model, a, b, len(req.prefix_ids), lambda t, a=a: fetch_e_rows(a, t), chunk)
-                fetch_e(a)  # raises if E was rejected (checksum) or failed: nothing computed is kept
-                recomputed[(a, b)] = kv
-            else:
-                sender = None if a == 0 else SimpleNamespace(embeds={a: fetch_e(a)})
-                recomputed[(a, b)] = recompute_group(model, a, b, req.prefix_ids, sender)
+            if streams:
+                streams[0].wait_stream(torch.cuda.current_stream(p.device))
+            with torch.cuda.stream(streams[0] if streams else None):  # None: the current stream
+                if a > 0 and fetch_e_rows is not None and chunk:
+                    # E streams in: recompute token chunks as their E rows land, then check the whole E
+                    kv = recompute_group_streaming(model, a, b, n_ctx, lambda t, a=a: fetch_e_rows(a, t), chunk)
+                    fetch_e(a)  # raises if E was rejected (checksum) or failed: nothing computed is kept
+                    recomputed[(a, b)] = kv
+                else:
+                    sender = None if a == 0 else SimpleNamespace(embeds={a: fetch_e(a)})
+                    recomputed[(a, b)] = recompute_group(model, a, b, req.prefix_ids, sender)
             clock.phase = None
+        if streams:  # also for a group recomputed by an earlier attempt (repair): it ran on the same stream
+            ev = torch.cuda.Event()
+            ev.record(streams[0])
+            ready.update({i: ev for i in range(a, b + 1)})
         kv = recomputed[(a, b)]
         own.update({i: (kv.k[i], kv.v[i]) for i in range(a, b + 1)})
-    fetch = lambda i: own[i] if i in own else fetch_kv(i)  # noqa: E731
-    n_ctx, n_new = len(req.prefix_ids), len(req.suffix_ids)
-    if graphs and lower_right_exact(model, n_ctx, n_new):
-        g = graphs_for(model, n_ctx, n_new)  # a capture runs the steps: outside the clock's "final" phase
+
+    def fetch(i: int) -> tuple:
+        if i not in own:
+            return fetch_kv(i)
+        if i in ready:  # made on the recompute stream, read on this one
+            torch.cuda.current_stream(p.device).wait_event(ready[i])
+            for t in own[i]:
+                t.record_stream(torch.cuda.current_stream(p.device))
+        return own[i]
+
+    if g is not None:
         clock.phase = "final"
-        hidden, logits, times = g.run(suffix, fetch)
+        if streams:
+            streams[1].wait_stream(torch.cuda.current_stream(p.device))  # the staged suffix ids
+        with torch.cuda.stream(streams[1] if streams else None):
+            hidden, logits, times = g.run(suffix, fetch)
+        if streams:
+            torch.cuda.current_stream(p.device).wait_stream(streams[1])
         if g.graphs is not None:  # replays fire no module hooks: the first token's time and the layer spans
             if p.is_cuda:
                 torch.cuda.synchronize(p.device)
@@ -864,9 +893,20 @@ def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: Laye
     return out
 
 
+_STREAMS: dict = {}
+
+
+def _overlap_streams(device) -> tuple:
+    """(recompute stream, high-priority final-pass stream) of a CUDA device, made once."""
+    device = torch.device(device)
+    if device not in _STREAMS:
+        _STREAMS[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device, priority=-1))
+    return _STREAMS[device]
+
+
 @torch.no_grad()
 def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout_s: float,
-            e_chunk_tokens: int = 0, graphs: bool = False) -> RequestResult:
+            e_chunk_tokens: int = 0, graphs: bool = False, overlap: bool = True) -> RequestResult:
     """Serve one request on the calling thread while a loader fills ``arrivals``.
 
     Non-streaming strategies wait for every item first; streaming ones wait for each E just before
@@ -911,7 +951,7 @@ def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout
                         spans.append(Span(req.name, "wait", start, arrivals.now()))
                     if arrivals.rejected:
                         raise EntryRejected(next(iter(arrivals.rejected)), "checksum mismatch")
-                out = _prefill_and_decode(req, plan, fetch_e, fetch_kv, clock, recomputed, *stream, graphs=graphs)
+                out = _prefill_and_decode(req, plan, fetch_e, fetch_kv, clock, recomputed, *stream, graphs=graphs, overlap=overlap)
             except EntryRejected:
                 arrivals.wait_all(timeout_s)  # know every rejected entry before replanning
                 bad_kv = [it.layer for it in arrivals.rejected if it.kind == "kv"]
@@ -920,13 +960,13 @@ def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout
                 result.rejected = sorted(it.name for it in arrivals.rejected)
                 result.repaired_plan = fixed.name
                 clock.phase, clock.first_token_at = None, None
-                out = _prefill_and_decode(req, fixed, fetch_e, fetch_kv, clock, recomputed, graphs=graphs)
+                out = _prefill_and_decode(req, fixed, fetch_e, fetch_kv, clock, recomputed, graphs=graphs, overlap=overlap)
         except TransferFailed as e:
             arrivals.cancelled.set()
             result.fallback, result.reason = "full_prefill", str(e)
             spans.append(Span(req.name, "fallback", arrivals.now(), arrivals.now()))
             clock.phase, clock.first_token_at = None, None
-            out = _prefill_and_decode(req, parse_plan("full_prefill", n), None, None, clock, {}, graphs=graphs)
+            out = _prefill_and_decode(req, parse_plan("full_prefill", n), None, None, clock, {}, graphs=graphs, overlap=overlap)
     arrivals.prefilled_at = t0 + (clock.first_token_at if clock.first_token_at is not None else arrivals.now())
     arrivals.prefilled.set()
     result.ttft = (clock.first_token_at if clock.first_token_at is not None else arrivals.now()) - req.arrival
@@ -1032,19 +1072,22 @@ class Engine:
     compute thread holds the GIL while it issues kernels, so with the default 5 ms a loader thread
     whose chunk is due waits up to 5 ms to issue it; a short interval keeps the link on schedule.
     ``suffix_graphs``: run the final prompt pass as per-layer CUDA graphs (``SuffixGraphs``; default:
-    on CUDA). ``e_chunk_tokens``: streaming strategies start a recompute group once the first this-many token
+    on CUDA); with them on CUDA, ``overlap_recompute`` recomputes groups on a side stream while the
+    final pass runs the layers before them. ``e_chunk_tokens``: streaming strategies start a recompute group once the first this-many token
     rows of its E have arrived, and go on chunk by chunk as E streams in (host-memory loaders report
     progress per link chunk; 0: wait for the whole E, as the paper's schedule).
     """
 
     def __init__(self, store: KVStore, link: Link, timeout_s: float = 30.0, device=None, verify: bool = True,
-                 gil_switch_s: float | None = 2e-4, e_chunk_tokens: int = 64, suffix_graphs: bool | None = None):
+                 gil_switch_s: float | None = 2e-4, e_chunk_tokens: int = 64, suffix_graphs: bool | None = None,
+                 overlap_recompute: bool = True):
         self.store, self.link, self.timeout_s, self.verify = store, link, timeout_s, verify
         self.device = torch.device(device) if device is not None else None
         self.gil_switch_s, self.e_chunk_tokens = gil_switch_s, e_chunk_tokens
         # None: on CUDA only (where it pays); True on CPU runs the same static-buffer steps eagerly
         self.suffix_graphs = (self.device is not None and self.device.type == "cuda") if suffix_graphs is None \
             else suffix_graphs
+        self.overlap_recompute = overlap_recompute
 
     def run(self, requests: list[Request], strategy: str) -> list[RequestResult]:
         previous = sys.getswitchinterval()
@@ -1074,7 +1117,8 @@ class Engine:
         results = []
         for (req, strat, plan, _), (_, _, arr) in zip(checked, jobs):
             _sleep_until(t0 + req.arrival)
-            results.append(execute(req, strat, plan, arr, self.timeout_s, self.e_chunk_tokens, self.suffix_graphs))
+            results.append(execute(req, strat, plan, arr, self.timeout_s, self.e_chunk_tokens, self.suffix_graphs,
+                                   self.overlap_recompute))
         for _, _, arr in jobs:
             arr.cancelled.set()
         loader.join(timeout=self.timeout_s)

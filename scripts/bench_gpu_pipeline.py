@@ -217,7 +217,8 @@ def bench_context(model, prefix: list[int], suffix: list[int], plan: str, args, 
 
     def engine_run(strategy: str, link: Link):
         (res,) = Engine(store, link, timeout_s=300, device=device, verify=False,
-                        suffix_graphs=args.suffix_graphs == "on").run([req()], strategy)
+                        suffix_graphs=args.suffix_graphs == "on", overlap_recompute=not args.no_overlap
+                        ).run([req()], strategy)
         assert res.fallback is None, res.reason
         return res
 
@@ -240,7 +241,7 @@ def bench_context(model, prefix: list[int], suffix: list[int], plan: str, args, 
             arr.deliver(it, on_dev[it], 0, 0)
         sync(device)
         arr.t0 = time.perf_counter()
-        return execute(req(), strat, pl, arr, 300, graphs=args.suffix_graphs == "on").ttft
+        return execute(req(), strat, pl, arr, 300, graphs=args.suffix_graphs == "on", overlap=not args.no_overlap).ttft
 
     one = statistics.median(timed(one_pass, args.reps, device))
     full = measured(lambda: engine_run("full_prefill", Link()).ttft, args.reps)
@@ -291,6 +292,8 @@ def main(argv=None) -> dict:
                    help="comma-separated recompute groups, e.g. 28-31,22-25 (default: the last --recompute layers)")
     p.add_argument("--suffix-graphs", choices=("on", "off"), default=None,
                    help="final prompt pass as per-layer CUDA graphs (default: on for cuda, off for cpu)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="with graphs on CUDA, do not run the final pass's early layers beside the recomputation")
     p.add_argument("--breakdown", action="store_true",
                    help="also time each compute phase alone (recompute, suffix pass with and without the mask)")
     p.add_argument("--links", default="host,100", help="'host' (unpaced) and/or Gbit/s values")
@@ -322,7 +325,7 @@ def main(argv=None) -> dict:
     env = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
            "torch": torch.__version__, "cuda": torch.version.cuda, "shape": args.shape, "dtype": str(dtype),
            "python": platform.python_version(), "command": "python " + " ".join(cmd),
-           "suffix_graphs": args.suffix_graphs}
+           "suffix_graphs": args.suffix_graphs, "overlap_recompute": not args.no_overlap}
     h2d = h2d_bandwidth(device, args.h2d_mb << 20, args.reps)
     env["h2d_gbytes_per_s"] = h2d / 1e9 if h2d else None
     emit({"bench": "gpu_pipeline", "event": "env", **env})
