@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 import threading
@@ -746,13 +747,26 @@ class SuffixGraphs:
             layer.keys, layer.values = self.k[i], self.v[i]
 
     def _step(self, i: int) -> None:
-        """Step -1: embedding and rotary tables; 0..n-1: decoder layer i; n: final norm and the head."""
+        """Step -1: embedding and rotary tables; 0..n-1: decoder layer i; n: final norm and the head.
+
+        Attention reads the context K/V once per KV head: transformers repeats K/V to every query
+        head whenever a mask is given (4x the bytes of a Llama-3 layer's context), unless told to
+        pass grouped heads to SDPA, which the lower-right causal bias supports (same values; on CPU
+        bitwise, tested)."""
         inner = self.model.model
-        if i < 0:
+        if 0 <= i < self.n:
+            previous = os.environ.get(FORCE_GQA)
+            os.environ[FORCE_GQA] = "1"
+            try:
+                self.hidden = run_layer(self.model, i, self.hidden, self.mask, self.pos_emb, self.positions, self.cache)
+            finally:
+                if previous is None:
+                    os.environ.pop(FORCE_GQA, None)
+                else:
+                    os.environ[FORCE_GQA] = previous
+        elif i < 0:
             self.hidden = inner.embed_tokens(self.ids)
             self.pos_emb = inner.rotary_emb(self.hidden, position_ids=self.positions)
-        elif i < self.n:
-            self.hidden = run_layer(self.model, i, self.hidden, self.mask, self.pos_emb, self.positions, self.cache)
         else:
             self.normed = inner.norm(self.hidden)
             self.logits = self.model.lm_head(self.normed[:, -1:])
@@ -803,6 +817,7 @@ class SuffixGraphs:
         return self.normed[0], self.logits[0, -1], times
 
 
+FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' SDPA integration on every call
 _GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 GRAPH_SHAPES_PER_MODEL = 4  # each holds a context's K/V twice (static copy + the pass's own)
 

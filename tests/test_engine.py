@@ -201,6 +201,26 @@ def test_suffix_graph_steps_compute_what_the_eager_pass_computes(arch):
     assert (len(prefix), len(suffix)) in engine_graphs(receiver)
 
 
+def test_suffix_graph_steps_attend_with_grouped_kv_heads(monkeypatch):
+    """No K/V repeat per query head in the graphed pass: SDPA gets the KV heads as they are."""
+    from torch.nn.attention.bias import CausalBias
+
+    from ds_study.engine import SuffixGraphs
+
+    model = tiny_model("llama")  # 4 query heads, 2 KV heads
+    seen, dispatch = [], CausalBias._dispatch
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.shape[1], k.shape[1], kw.get("enable_gqa", False)))
+        return dispatch(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(CausalBias, "_dispatch", staticmethod(spy))
+    g = SuffixGraphs(model, 40, 6, capture=False)
+    kv = [(torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)) for _ in range(4)]
+    g.run(torch.tensor([[5, 6, 7, 8, 9, 10]]), kv.__getitem__)
+    assert seen == [(4, 2, True)] * 4
+
+
 def engine_graphs(model):
     from ds_study.engine import _GRAPHS
 
