@@ -1,13 +1,16 @@
 """GPU benchmark of the pipelined engine: a Llama-3-8B-shaped random-weight model, KV in host memory.
 
     python scripts/bench_gpu_pipeline.py                       # cuda, llama3-8b shape, 4K/8K/16K tokens
+    python scripts/bench_gpu_pipeline.py --plans 28-31,22-25 --breakdown   # two plans, per-phase times
     python scripts/bench_gpu_pipeline.py --device cpu --shape tiny --tokens 128,256   # CPU smoke test
 
 The sender's per-layer KV and the transition E live in pinned host memory (the "remote" store). The
-receiver recomputes the last ``--recompute`` layers from E and reuses the rest, with the engine's
-real path: a loader thread issues host-to-device copies on a side CUDA stream (E first, then KV in
-layer order), each arrival records a CUDA event, and the final prompt pass makes the compute stream
-wait on each layer's event just before it attends to it. A paced link (e.g. 100 Gbit/s) throttles
+receiver recomputes the last ``--recompute`` layers (or each group of ``--plans``) from E and reuses
+the rest, with the engine's real path: a loader thread issues host-to-device copies on a side CUDA
+stream (E first, then KV in layer order), each arrival records a CUDA event, and the final prompt
+pass (per-layer CUDA graphs unless ``--suffix-graphs off``) makes its stream wait on each layer's
+event just before it attends to it. ``--breakdown`` also times each compute phase alone: the
+recompute group, and the suffix pass eager (transformers' mask, lower-right bias) and graphed. A paced link (e.g. 100 Gbit/s) throttles
 the issue of 4 MB chunks: a chunk is copied only once the link could have delivered it.
 
 Printed per context length: full prefill (one pass over the prompt, and the engine's own full
