@@ -785,7 +785,8 @@ class SuffixGraphs:
         self._reset()
         self._keep.clear()
         pool, self.graphs = torch.cuda.graph_pool_handle(), []
-        for i in range(-1, self.n + 1):  # one pool: replayed in capture order, later steps may reuse earlier temporaries
+        # one pool: replayed in capture order, so later steps may reuse earlier steps' temporaries
+        for i in range(-1, self.n + 1):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):  # the loader thread may be copying
                 self._step(i)
@@ -899,7 +900,8 @@ def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: Laye
             clock.spans.extend(Span(req.name, "final", s - clock.t0, e - clock.t0, i)
                                for i, (s, e) in enumerate(times[1:-1]))
         clock.phase = None
-        cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in g.cache.layers], config=model.config)
+        cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in g.cache.layers],
+                             config=model.config)
         return greedy_after(model, cache, hidden, req.max_new_tokens, req.eos_token_id, logits=logits)
     cache = ArrivalCache(model.config, n_ctx, fetch, p.dtype, p.device)
     clock.phase = "final"
@@ -956,6 +958,7 @@ def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout
         return got
 
     stream = (fetch_e_rows, e_chunk_tokens) if strategy in STREAMING and e_chunk_tokens else (None, 0)
+    fast = {"graphs": graphs, "overlap": overlap}
     with LayerClock(req.model, req.name, t0, spans) as clock:
         try:
             try:
@@ -966,7 +969,7 @@ def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout
                         spans.append(Span(req.name, "wait", start, arrivals.now()))
                     if arrivals.rejected:
                         raise EntryRejected(next(iter(arrivals.rejected)), "checksum mismatch")
-                out = _prefill_and_decode(req, plan, fetch_e, fetch_kv, clock, recomputed, *stream, graphs=graphs, overlap=overlap)
+                out = _prefill_and_decode(req, plan, fetch_e, fetch_kv, clock, recomputed, *stream, **fast)
             except EntryRejected:
                 arrivals.wait_all(timeout_s)  # know every rejected entry before replanning
                 bad_kv = [it.layer for it in arrivals.rejected if it.kind == "kv"]
@@ -975,13 +978,13 @@ def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout
                 result.rejected = sorted(it.name for it in arrivals.rejected)
                 result.repaired_plan = fixed.name
                 clock.phase, clock.first_token_at = None, None
-                out = _prefill_and_decode(req, fixed, fetch_e, fetch_kv, clock, recomputed, graphs=graphs, overlap=overlap)
+                out = _prefill_and_decode(req, fixed, fetch_e, fetch_kv, clock, recomputed, **fast)
         except TransferFailed as e:
             arrivals.cancelled.set()
             result.fallback, result.reason = "full_prefill", str(e)
             spans.append(Span(req.name, "fallback", arrivals.now(), arrivals.now()))
             clock.phase, clock.first_token_at = None, None
-            out = _prefill_and_decode(req, parse_plan("full_prefill", n), None, None, clock, {}, graphs=graphs, overlap=overlap)
+            out = _prefill_and_decode(req, parse_plan("full_prefill", n), None, None, clock, {}, **fast)
     arrivals.prefilled_at = t0 + (clock.first_token_at if clock.first_token_at is not None else arrivals.now())
     arrivals.prefilled.set()
     result.ttft = (clock.first_token_at if clock.first_token_at is not None else arrivals.now()) - req.arrival
@@ -1088,9 +1091,10 @@ class Engine:
     whose chunk is due waits up to 5 ms to issue it; a short interval keeps the link on schedule.
     ``suffix_graphs``: run the final prompt pass as per-layer CUDA graphs (``SuffixGraphs``; default:
     on CUDA); with them on CUDA, ``overlap_recompute`` recomputes groups on a side stream while the
-    final pass runs the layers before them. ``e_chunk_tokens``: streaming strategies start a recompute group once the first this-many token
-    rows of its E have arrived, and go on chunk by chunk as E streams in (host-memory loaders report
-    progress per link chunk; 0: wait for the whole E, as the paper's schedule).
+    final pass runs the layers before them. ``e_chunk_tokens``: streaming strategies start a recompute
+    group once the first this-many token rows of its E have arrived, and go on chunk by chunk as E
+    streams in (host-memory loaders report progress per link chunk; 0: wait for the whole E, as the
+    paper's schedule).
     """
 
     def __init__(self, store: KVStore, link: Link, timeout_s: float = 30.0, device=None, verify: bool = True,
