@@ -3,6 +3,7 @@
     python scripts/bench_ttft.py quality    # TTFT vs quality per plan and strategy (paper Fig. 14)
     python scripts/bench_ttft.py bandwidth  # TTFT vs link bandwidth, strategies a/b/c + full prefill (Fig. 20)
     python scripts/bench_ttft.py timeline   # Fig. 13: unit-cost simulation and a measured two-request run
+    python scripts/bench_ttft.py spans      # where the time of one pipelined request goes, layer by layer
     python scripts/bench_ttft.py figures    # every figure, from the result files only
     python scripts/bench_ttft.py all
 
@@ -416,6 +417,43 @@ def cmd_timeline(args) -> None:
     write_json(RESULTS / "fig13_timeline.json", out)
 
 
+def cmd_spans(args) -> None:
+    """One example, one plan, one link: the span timeline (loads, waits, recompute and final-pass
+    layers) of the median pipelined run and of the same request with everything delivered first, so
+    a gap between TTFT and the bound can be traced to a phase."""
+    env = environment()
+    S = load_setup(args)
+    link = Link(args.gbps, args.latency_ms / 1e3, args.chunk_bytes)
+    run(S, 0, args.plan, "pipelined", link)  # warm-up
+    piped = sorted((run(S, 0, args.plan, "pipelined", link) for _ in range(args.reps)), key=lambda r: r.ttft)
+    n = S.receiver.config.num_hidden_layers
+    strategy, plan = check_request("pipelined", args.plan, n)
+    ctx, alone = context_hash(S.prompts[0].prefix_ids), []
+    for _ in range(args.reps + 1):
+        arr = Arrivals(transfer_items(strategy, plan, n), 0.0)
+        for it in arr.items:
+            arr.deliver(it, tuple(S.store.get(entry_key(S.sid, S.rid, ctx, it.layer, k)) for k in it.entry_kinds()), 0, 0)
+        arr.t0 = time.perf_counter()
+        alone.append(execute(request(S, 0, args.plan), strategy, plan, arr, 120))
+    alone = sorted(alone[1:], key=lambda r: r.ttft)
+    load_s, nbytes, e_s = load_seconds(S, 0, args.plan, "pipelined", link)
+    out = {"what": "span timeline of one request, median of the repetitions", "pair": S.label, "plan": args.plan,
+           "link": {"gbps": args.gbps, "latency_ms": args.latency_ms, "chunk_bytes": args.chunk_bytes},
+           "load_ms": 1e3 * load_s, "e_load_ms": 1e3 * e_s, "bytes_sent": nbytes, "reps": args.reps,
+           "pipelined": piped[len(piped) // 2].to_json(), "pipelined_ttft_ms_reps": [1e3 * r.ttft for r in piped],
+           "all_delivered": alone[len(alone) // 2].to_json(), "all_delivered_ttft_ms_reps": [1e3 * r.ttft for r in alone],
+           "environment": env}
+    for name in ("pipelined", "all_delivered"):
+        r = out[name]
+        print(f"{name}: TTFT {r['ttft'] * 1e3:.1f} ms (load of what is sent {out['load_ms']:.1f} ms, E alone {out['e_load_ms']:.1f})")
+        for sp in sorted(r["spans"], key=lambda sp: sp["start"]):
+            print(f"  {sp['op']:>9} L{sp['layer']} {sp.get('kind') or '':>2} {1e3 * sp['start']:7.2f} -> {1e3 * sp['end']:7.2f} ms")
+        for op in ("recompute", "final"):
+            print(f"  {op} time in all: {1e3 * sum(sp['end'] - sp['start'] for sp in r['spans'] if sp['op'] == op):.1f} ms")
+    env["loadavg_end"] = os.getloadavg()
+    write_json(RESULTS / f"{args.out or 'ttft_spans'}.json", out)
+
+
 # --------------------------------------------------------------------------------------------
 # Figures (from result files only)
 
@@ -546,7 +584,7 @@ def cmd_figures(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=("quality", "bandwidth", "timeline", "figures", "all"))
+    p.add_argument("command", choices=("quality", "bandwidth", "timeline", "spans", "figures", "all"))
     p.add_argument("--receiver", default="zoo:code", help="default: conf/model_pair/tiny.yaml")
     p.add_argument("--sender", default="zoo:qa")
     p.add_argument("--receiver-b", default="zoo:sum", help="timeline: the second receiver (B)")
@@ -554,8 +592,8 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=8, help="test examples (quality) / contexts (bandwidth)")
     p.add_argument("--reps", type=int, default=3, help="measured repetitions per point (after a warm-up)")
     p.add_argument("--plans", default=None, help="quality: ';'-separated plans (default: a 2-layer-granular set)")
-    p.add_argument("--plan", default="2-3", help="bandwidth: the plan swept (2 of 8 layers; quality >= full prefill)")
-    p.add_argument("--gbps", type=float, default=0.2, help="quality: link bandwidth, Gbit/s")
+    p.add_argument("--plan", default="2-3", help="bandwidth, spans: the plan (2 of 8 layers; quality >= full prefill)")
+    p.add_argument("--gbps", type=float, default=0.2, help="quality, spans: link bandwidth, Gbit/s")
     p.add_argument("--sweep", default="0.02,0.05,0.1,0.2,0.5,1,2,5,20", help="bandwidth: Gbit/s values")
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--chunk-bytes", type=int, default=1 << 16)
@@ -574,6 +612,9 @@ def main() -> None:
         args.examples = ex
     if args.command in ("timeline", "all"):
         cmd_timeline(args)
+    if args.command == "spans":
+        cmd_spans(args)
+        return
     cmd_figures(args)
 
 
