@@ -373,3 +373,31 @@ def test_gpu_benchmark_script_runs_on_cpu_with_a_tiny_shape(tmp_path):
         assert r["plan"] == "4-7" and r["pipelined_equals_load_then_compute"]
         assert r["bound_ms"] == max(r["compute_only_ms"], r["load_ms"]) and r["pipelined_ms"] > 0
     assert json.loads(out.read_text())["results"] == lines[1:]
+
+
+def test_gpu_benchmark_breakdown_and_graph_steps_run_on_cpu(tmp_path):
+    """--plans, --breakdown and the graphed final pass (its eager steps on CPU) through the script."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, "scripts/bench_gpu_pipeline.py", "--device", "cpu", "--shape", "tiny", "--tokens", "64",
+           "--links", "host", "--reps", "1", "--threads", "1", "--plans", "6-7,2-3", "--breakdown",
+           "--suffix-graphs", "on", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines[0]["suffix_graphs"] == "on"
+    assert [(r["event"], r["plan"]) for r in lines[1:]] == [("breakdown", "6-7"), ("result", "6-7"),
+                                                           ("breakdown", "2-3"), ("result", "2-3")]
+    for r in lines[1:]:
+        if r["event"] == "breakdown":
+            assert min(r["recompute_ms"], r["suffix_hf_ms"], r["suffix_lower_right_ms"], r["suffix_graphs_ms"]) > 0
+        else:
+            assert r["pipelined_equals_load_then_compute"] and r["first_token_equals_one_pass"]
+    bad = subprocess.run([sys.executable, "scripts/bench_gpu_pipeline.py", "--device", "cpu", "--shape", "tiny",
+                          "--plans", "0-3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "not a group a-b with 0 < a" in bad.stderr
+
