@@ -46,6 +46,10 @@ RECIPES = {
     # committed-family limit in float32, so this one bounds what width alone buys).
     "hd32_4x": [*HD32, "pretrain.copy_fraction=0.5", "pretrain.steps=1800"],
     "hd32_16x": [*HD32, "pretrain.copy_fraction=0.5", "pretrain.steps=7200"],
+    # the hd32_4x base, then 3x the QA fine-tune on contexts whose signatures carry other functions'
+    # parameters (the answer can only be copied from the passage); run after hd32_4x to reuse its base
+    "hd32_4x_qaswap450": [*HD32, "pretrain.copy_fraction=0.5", "pretrain.steps=1800", "variants.qa.swap_params=1.0",
+                          "variants.qa.steps=450", "~variants.sum", "~variants.code"],
     "wide256_4x": ["model.hidden_size=256", "model.intermediate_size=768", "pretrain.copy_fraction=0.5",
                    "pretrain.steps=1800"],
     "wide256_16x": ["model.hidden_size=256", "model.intermediate_size=768", "pretrain.copy_fraction=0.5",
