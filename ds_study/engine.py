@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, NamedTuple
+from unittest import mock
 
 import torch
 from transformers import DynamicCache
@@ -755,15 +756,8 @@ class SuffixGraphs:
         bitwise, tested)."""
         inner = self.model.model
         if 0 <= i < self.n:
-            previous = os.environ.get(FORCE_GQA)
-            os.environ[FORCE_GQA] = "1"
-            try:
+            with mock.patch.dict(os.environ, {FORCE_GQA: "1"}):  # restored afterwards, whatever it was
                 self.hidden = run_layer(self.model, i, self.hidden, self.mask, self.pos_emb, self.positions, self.cache)
-            finally:
-                if previous is None:
-                    os.environ.pop(FORCE_GQA, None)
-                else:
-                    os.environ[FORCE_GQA] = previous
         elif i < 0:
             self.hidden = inner.embed_tokens(self.ids)
             self.pos_emb = inner.rotary_emb(self.hidden, position_ids=self.positions)

@@ -10,8 +10,8 @@ the rest, with the engine's real path: a loader thread issues host-to-device cop
 stream (E first, then KV in layer order), each arrival records a CUDA event, and the final prompt
 pass (per-layer CUDA graphs unless ``--suffix-graphs off``) makes its stream wait on each layer's
 event just before it attends to it. ``--breakdown`` also times each compute phase alone: the
-recompute group, and the suffix pass eager (transformers' mask, lower-right bias) and graphed. A paced link (e.g. 100 Gbit/s) throttles
-the issue of 4 MB chunks: a chunk is copied only once the link could have delivered it.
+recompute group, and the suffix pass eager (transformers' mask, lower-right bias) and graphed. A
+paced link (e.g. 100 Gbit/s) throttles the issue of 4 MB chunks: a chunk is copied only once the link could have delivered it.
 
 Printed per context length: full prefill (one pass over the prompt, and the engine's own full
 prefill), (b) load-then-compute and (c) pipelined TTFT per link, the bound max(compute, load) with
@@ -98,13 +98,17 @@ def capture_to_store(model, prefix: list[int], e_layer: int, store: KVStore, sid
     store.put(entry_key(sid, rid, context_hash(prefix), e_layer, "e"), embeds[e_layer])
 
 
-def timed(fn, reps: int, device) -> list[float]:
+def timed(fn, reps: int, device, issued: list | None = None) -> list[float]:
+    """Seconds per call from a synchronized start to the end of its device work, after a warm-up;
+    ``issued`` also collects the seconds until each call returned to the host."""
     fn()  # warm-up
     out = []
     for _ in range(reps):
         sync(device)
         t = time.perf_counter()
         fn()
+        if issued is not None:
+            issued.append(time.perf_counter() - t)
         sync(device)
         out.append(time.perf_counter() - t)
     return out
@@ -157,15 +161,8 @@ def gpu_ms(fn, reps: int, device) -> tuple[float, float]:
     """(median wall ms from a synchronized start to the end of the GPU work, median ms until ``fn``
     returns to the host). Where the second is close to the first, the host issues kernels no faster
     than the GPU runs them: the phase is host-bound."""
-    fn()
-    wall, issue = [], []
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        issue.append(time.perf_counter() - t)
-        sync(device)
-        wall.append(time.perf_counter() - t)
+    issue: list[float] = []
+    wall = timed(fn, reps, device, issue)
     return 1e3 * statistics.median(wall), 1e3 * statistics.median(issue)
 
 

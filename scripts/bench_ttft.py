@@ -143,6 +143,11 @@ def run(S: Setup, i: int, plan, strategy: str, link: Link, max_new: int = 1):
 
 def compute_only(S: Setup, i: int, plan) -> float:
     """TTFT of the same request with every item delivered before it starts: recompute + final pass."""
+    return all_delivered(S, i, plan).ttft
+
+
+def all_delivered(S: Setup, i: int, plan):
+    """The request run with every item it would load already delivered (its result, spans included)."""
     n = S.receiver.config.num_hidden_layers
     strategy, plan = check_request("full_prefill" if plan == "full_prefill" else "pipelined", plan, n)
     items = transfer_items(strategy, plan, n)
@@ -151,7 +156,7 @@ def compute_only(S: Setup, i: int, plan) -> float:
     for it in items:
         arr.deliver(it, tuple(S.store.get(entry_key(S.sid, S.rid, ctx, it.layer, k)) for k in it.entry_kinds()), 0, 0)
     arr.t0 = time.perf_counter()
-    return execute(request(S, i, plan), strategy, plan, arr, 120).ttft
+    return execute(request(S, i, plan), strategy, plan, arr, 120)
 
 
 def load_seconds(S: Setup, i: int, plan, strategy: str, link: Link) -> tuple[float, int, float]:
@@ -426,16 +431,7 @@ def cmd_spans(args) -> None:
     link = Link(args.gbps, args.latency_ms / 1e3, args.chunk_bytes)
     run(S, 0, args.plan, "pipelined", link)  # warm-up
     piped = sorted((run(S, 0, args.plan, "pipelined", link) for _ in range(args.reps)), key=lambda r: r.ttft)
-    n = S.receiver.config.num_hidden_layers
-    strategy, plan = check_request("pipelined", args.plan, n)
-    ctx, alone = context_hash(S.prompts[0].prefix_ids), []
-    for _ in range(args.reps + 1):
-        arr = Arrivals(transfer_items(strategy, plan, n), 0.0)
-        for it in arr.items:
-            arr.deliver(it, tuple(S.store.get(entry_key(S.sid, S.rid, ctx, it.layer, k)) for k in it.entry_kinds()), 0, 0)
-        arr.t0 = time.perf_counter()
-        alone.append(execute(request(S, 0, args.plan), strategy, plan, arr, 120))
-    alone = sorted(alone[1:], key=lambda r: r.ttft)
+    alone = sorted([all_delivered(S, 0, args.plan) for _ in range(args.reps + 1)][1:], key=lambda r: r.ttft)
     load_s, nbytes, e_s = load_seconds(S, 0, args.plan, "pipelined", link)
     out = {"what": "span timeline of one request, median of the repetitions", "pair": S.label, "plan": args.plan,
            "link": {"gbps": args.gbps, "latency_ms": args.latency_ms, "chunk_bytes": args.chunk_bytes},

@@ -31,6 +31,7 @@ from ds_study.executor import parse_plan
 from ds_study.pair import load_pair
 
 HD32 = ["model.num_attention_heads=4", "model.num_key_value_heads=1"]  # head dim 32, same size, GQA 4:1
+HD32_4X = [*HD32, "pretrain.copy_fraction=0.5", "pretrain.steps=1800"]  # plus copy rows, 4x the pretraining
 RECIPES = {
     "current": [],
     "copy": ["pretrain.copy_fraction=0.5"],
@@ -44,12 +45,12 @@ RECIPES = {
     # Next: head dim 32 (4 query heads, 1 KV head: same parameter count and GQA 4:1) and longer
     # pretraining; then a wider model (head dim 32, 4x the parameters: 4 such models exceed the 40 MB
     # committed-family limit in float32, so this one bounds what width alone buys).
-    "hd32_4x": [*HD32, "pretrain.copy_fraction=0.5", "pretrain.steps=1800"],
+    "hd32_4x": HD32_4X,
     "hd32_16x": [*HD32, "pretrain.copy_fraction=0.5", "pretrain.steps=7200"],
     # the hd32_4x base, then 3x the QA fine-tune on contexts whose signatures carry other functions'
     # parameters (the answer can only be copied from the passage); run after hd32_4x to reuse its base
-    "hd32_4x_qaswap450": [*HD32, "pretrain.copy_fraction=0.5", "pretrain.steps=1800", "variants.qa.swap_params=1.0",
-                          "variants.qa.steps=450", "~variants.sum", "~variants.code"],
+    "hd32_4x_qaswap450": [*HD32_4X, "variants.qa.swap_params=1.0", "variants.qa.steps=450", "~variants.sum",
+                          "~variants.code"],
     "wide256_4x": ["model.hidden_size=256", "model.intermediate_size=768", "pretrain.copy_fraction=0.5",
                    "pretrain.steps=1800"],
     "wide256_16x": ["model.hidden_size=256", "model.intermediate_size=768", "pretrain.copy_fraction=0.5",
