@@ -185,10 +185,15 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
+def shown(path: Path) -> Path:
+    """A path as printed: relative to the repository where it lies inside it (--out may point elsewhere)."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1))
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {shown(path)}")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -197,7 +202,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {shown(path)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -572,7 +577,7 @@ def cmd_figures(args) -> None:
         if path.exists():
             fn(path)
         else:
-            print(f"skipping {name}: {path.relative_to(ROOT)} not found (run its command first)")
+            print(f"skipping {name}: {shown(path)} not found (run its command first)")
 
 
 # --------------------------------------------------------------------------------------------
