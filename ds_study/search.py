@@ -349,6 +349,37 @@ def paired_se(ev, plan_a: str, plan_b: str, examples) -> float:
     return round(math.sqrt(var / len(d)), 2)
 
 
+def ranking_reliability(scores: dict[str, Sequence[float]], n_splits: int = 200, seed: int = 0) -> dict:
+    """Whether the profiling split can rank these plans at all: split the examples into random
+    halves, rank the plans by their mean score on each half, and correlate the two rankings
+    (Spearman). Near 1: the ranking is a property of the plans. Near 0: it is a property of which
+    examples were drawn, so the best profiled plan is a noise maximum (the winner's curse) and no
+    search with fewer evaluations can be expected to match it. ``scores[plan]``: per-example scores,
+    the same examples in the same order for every plan. Costs no evaluation (reuses the cells)."""
+    import random
+
+    import pandas as pd
+
+    df = pd.DataFrame({name: list(v) for name, v in scores.items()})
+    if df.shape[1] < 3 or df.shape[0] < 4:
+        raise ValueError("ranking reliability needs at least 3 plans scored on at least 4 examples")
+    rng, rows, rhos = random.Random(seed), list(range(df.shape[0])), []
+    for _ in range(n_splits):
+        rng.shuffle(rows)
+        half_a = df.iloc[rows[: len(rows) // 2]].mean().rank()
+        half_b = df.iloc[rows[len(rows) // 2:]].mean().rank()
+        rho = half_a.corr(half_b)  # Pearson on ranks: Spearman (NaN if a half ties every plan)
+        if not math.isnan(rho):
+            rhos.append(float(rho))
+    out = {"n_plans": df.shape[1], "n_examples": df.shape[0], "n_splits": n_splits, "n_defined": len(rhos),
+           "seed": seed}
+    if not rhos:  # e.g. every plan scores 0 everywhere: nothing to rank
+        return {**out, "spearman_median": None, "spearman_p05": None, "spearman_p95": None}
+    rhos.sort()
+    return {**out, "spearman_median": round(rhos[len(rhos) // 2], 3),
+            "spearman_p05": round(rhos[int(0.05 * len(rhos))], 3), "spearman_p95": round(rhos[int(0.95 * len(rhos))], 3)}
+
+
 def holdout_check(cfg, pair, task, table: list[dict], points: dict, n_layers: int) -> dict:
     """Score every plan of the comparison table on a held-out split and add its columns to ``table``.
 
@@ -387,7 +418,10 @@ def write_comparison_md(out_root: Path) -> Path:
              "`diff` = greedy - exhaustive (quality points); `SE` = standard error of that difference "
              "over the examples (paired), i.e. how large a gap the choice of 50 examples alone produces. "
              "Held-out columns score the same plans on examples neither search saw (`search.holdout_split`). "
-             "Evaluations count distinct plans, each scored on every profiling example.", ""]
+             "Evaluations count distinct plans, each scored on every profiling example. "
+             "Ranking reliability: the Spearman correlation between the plans' rankings on two random halves "
+             "of the profiling examples (median and 5th-95th percentile over 200 splits, all exhaustive plans); "
+             "near 0, the profiled ranking is noise and the exhaustive frontier a noise maximum.", ""]
     for csv in sorted(Path(out_root).glob("greedy_vs_exhaustive_*.csv")):
         meta = json.loads(csv.with_suffix(".json").read_text()) if csv.with_suffix(".json").exists() else {}
         df = pd.read_csv(csv)
@@ -398,6 +432,11 @@ def write_comparison_md(out_root: Path) -> Path:
                   f"largest shortfall {meta.get('max_shortfall')} points"
                   + (f" on the profiling split, {meta['max_shortfall_holdout']} on {meta['holdout']['n_examples']} "
                      f"held-out `{meta['holdout']['split']}` examples" if "holdout" in meta else "")
+                  + (". Ranking reliability {spearman_median:.2f} [{spearman_p05:.2f}, {spearman_p95:.2f}]".format(
+                      **meta["ranking_reliability"])
+                     if (meta.get("ranking_reliability") or {}).get("spearman_median") is not None
+                     else ". Ranking reliability undefined (every plan scores the same)" if meta.get("ranking_reliability")
+                     else "")
                   + f". Command: `{meta.get('command', '')}`", ""]
         held = "diff_holdout" in df.columns
         lines += ["| k | exhaustive plan | exhaustive | greedy plan | greedy | diff | SE |"
@@ -502,6 +541,8 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
         for r in table:
             r["se"] = paired_se(ev, r["exhaustive_plan"], r["greedy_plan"], examples)
         n_ex = n_exhaustive(L, g)
+        reliability = ranking_reliability({p.plan: [ev.store.get(p.plan, ex.id)["score"] for ex in examples]
+                                           for p in pts}) if len(examples) >= 4 and len(pts) >= 3 else None
         holdout = None
         if sc.get("holdout_split"):
             holdout = holdout_check(cfg, pair, task, table, {p.plan: p for p in [*pts, *gre.points]}, L)
@@ -510,7 +551,7 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
                 "greedy_evaluations": gre.evaluations, "exhaustive_evaluations": n_ex,
                 "evaluation_ratio": gre.evaluations / n_ex,
                 "max_shortfall": round(max(0.0, -min(r["diff"] for r in table)), 2),
-                "command": result["command"]}
+                "ranking_reliability": reliability, "command": result["command"]}
         if holdout is not None:
             meta["holdout"] = holdout
             meta["max_shortfall_holdout"] = round(max(0.0, -min(r["diff_holdout"] for r in table)), 2)
@@ -519,7 +560,11 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
         md = write_comparison_md(root)
         result["comparison"] = {**meta, "table": table, "markdown": str(md)}
         print(f"\ngreedy vs exhaustive (g={g}): {gre.evaluations} vs {n_ex} plans evaluated "
-              f"({meta['evaluation_ratio']:.0%}); largest shortfall {meta['max_shortfall']} points")
+              f"({meta['evaluation_ratio']:.0%}); largest shortfall {meta['max_shortfall']} points"
+              + ("" if reliability is None or reliability["spearman_median"] is None
+                 else f"; plan-ranking reliability (split-half Spearman) "
+                 f"{reliability['spearman_median']:.2f} [{reliability['spearman_p05']:.2f}, "
+                 f"{reliability['spearman_p95']:.2f}]"))
         print(f"  {'k':>3}  {'exhaustive':<24}{'score':>8}  {'greedy':<24}{'score':>8}{'diff':>8}{'SE':>7}")
         for r in table:
             print(f"  {r['k']:>3}  {r['exhaustive_plan']:<24}{r['exhaustive']:>8.2f}  {r['greedy_plan']:<24}"

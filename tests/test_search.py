@@ -124,6 +124,23 @@ def test_greedy_opens_a_second_group_only_where_the_prior_says_it_helps():
     assert coarse.evaluations == 5 and sorted(p.k for p in coarse.points) == [0, 2, 4, 6, 8]
 
 
+def test_ranking_reliability_separates_signal_from_noise():
+    import random
+
+    rng = random.Random(1)
+    true_quality = [0.1 * i for i in range(10)]  # 10 plans, well separated
+    signal = {f"p{i}": [q + rng.gauss(0, 0.05) for _ in range(50)] for i, q in enumerate(true_quality)}
+    noise = {f"p{i}": [rng.gauss(0, 1) for _ in range(50)] for i in range(10)}  # all plans alike
+    r_signal, r_noise = search.ranking_reliability(signal), search.ranking_reliability(noise)
+    assert r_signal["spearman_p05"] > 0.9
+    assert abs(r_noise["spearman_median"]) < 0.3 and r_noise["spearman_p05"] < 0 < r_noise["spearman_p95"]
+    assert search.ranking_reliability(noise) == r_noise  # seeded
+    flat = search.ranking_reliability({f"p{i}": [0.0] * 10 for i in range(4)})
+    assert flat["spearman_median"] is None and flat["n_defined"] == 0
+    with pytest.raises(ValueError, match="at least 3 plans"):
+        search.ranking_reliability({"a": [1, 2, 3, 4], "b": [1, 2, 3, 4]})
+
+
 def test_greedy_oracle_caches_repeated_plans():
     calls = []
     oracle = search.CountingOracle(additive_oracle([1, 1, 1, 1], calls))
