@@ -40,7 +40,16 @@ def print_table(title: str, table: list[dict]) -> None:
 def main(cfg: DictConfig) -> dict:
     task = runner.validate(cfg)
     records = runner.records_of(cfg, task)
-    plans = runner.plans_of(cfg.plans, runner.receiver_layers(cfg))
+    n_layers = runner.receiver_layers(cfg)
+    plans = runner.plans_of(cfg.plans, n_layers)
+    if cfg.search.enabled:
+        from ds_study import search
+
+        search.check_config(cfg.search, n_layers)
+        if cfg.search.get("holdout_split") == cfg.split:
+            raise ValueError(f"search.holdout_split={cfg.split} is the split being profiled; held-out examples "
+                             f"must come from the other one (search.holdout_split="
+                             f"{'test' if cfg.split == 'profile' else 'profile'})")
     pair = runner.load_pair_from(cfg)
     examples = runner.prepare(pair, task, records, cfg.max_length)
     run = runner.start_run(cfg, "profile", task)

@@ -461,6 +461,56 @@ def print_frontier(front, budget, title: str) -> None:
         print(f"  {k:>3}  {ps}  {b.plan if b else '-':<26}{b.score if b else float('nan'):>8.2f}")
 
 
+PRIORS = ("v_dev", "attn", "kv", "k_dev", "e_dev")  # layer_prior's columns, cheapest evidence first
+
+
+def check_config(sc, n_layers: int) -> None:
+    """Every ``search.*`` setting, checked before any model is loaded or cell scored (a bad value
+    found after the baselines would cost a real pair hours)."""
+    def fail(key: str, want: str, got) -> None:
+        raise ValueError(f"search.{key} must be {want}, got {got!r}")
+
+    def as_int(key: str, v, lo: int, hi: int | None = None) -> int:
+        try:
+            i = int(v)
+        except (TypeError, ValueError):
+            i = None
+        if i is None or str(i) != str(v).strip() or i < lo or (hi is not None and i > hi):
+            fail(key, f"an integer in [{lo}, {hi if hi is not None else 'inf'}]", v)
+        return i
+
+    if sc.method not in ("exhaustive", "greedy", "both"):
+        fail("method", "exhaustive, greedy or both", sc.method)
+    grans = [sc.granularity] if isinstance(sc.granularity, (int, str)) else list(sc.granularity)
+    if not grans:
+        fail("granularity", "a non-empty list of layer counts, e.g. [2] or [1,2]", list(grans))
+    for g in grans:
+        as_int("granularity", g, 1, n_layers)
+    as_int("greedy_granularity", sc.greedy_granularity, 1, n_layers)
+    if sc.prior not in PRIORS:
+        fail("prior", " | ".join(PRIORS), sc.prior)
+    if str(sc.greedy_width) != "auto":
+        as_int("greedy_width", sc.greedy_width, 1, 2)
+    if not 0 < float(sc.max_fraction) <= 1:
+        fail("max_fraction", "in (0, 1]", sc.max_fraction)
+    as_int("max_groups", sc.max_groups, 1)
+    if float(sc.new_group_margin) < 0:
+        fail("new_group_margin", ">= 0", sc.new_group_margin)
+    for key in ("delta_mode", "critical_mode"):
+        if sc[key] not in ("relative", "absolute"):
+            fail(key, "relative or absolute", sc[key])
+    deltas = [sc.deltas] if isinstance(sc.deltas, (int, float)) else list(sc.deltas)
+    if not deltas or any(not 0 <= float(d) < 1 for d in deltas):
+        fail("deltas", "a non-empty list of fractions in [0, 1) (relative; absolute: 0.01 = 1 point)", list(deltas))
+    if not 0 <= float(sc.critical_threshold) < 1:
+        fail("critical_threshold", "a fraction in [0, 1)", sc.critical_threshold)
+    if sc.get("holdout_split") is not None:
+        if sc.holdout_split not in ("profile", "test"):
+            fail("holdout_split", "null, profile or test", sc.holdout_split)
+    if sc.get("holdout_limit") is not None:
+        as_int("holdout_limit", sc.holdout_limit, 1)
+
+
 def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
     """Profiling and selection after ``ds_study.profile``'s baselines: sensitivity, exhaustive and/or
     greedy search, frontier, selected plans. Writes results/search/<pair>/<dataset>/ and the run dir."""
@@ -471,8 +521,7 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
     from ds_study import deviation, metrics, runner
 
     sc, L = cfg.search, pair.n_layers
-    if sc.method not in ("exhaustive", "greedy", "both"):
-        raise ValueError(f"search.method must be exhaustive, greedy or both, got {sc.method!r}")
+    check_config(sc, L)
     grans = [int(x) for x in (sc.granularity if not isinstance(sc.granularity, int) else [sc.granularity])]
     root = Path(sc.out_root) if sc.get("out_root") else Path(cfg.results_root).parent / "search"
     out = root / cfg.model_pair.name / task.name

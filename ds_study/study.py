@@ -260,6 +260,37 @@ def merge_chain(groups: list[tuple[int, int]]) -> list[tuple[tuple[int, int], ..
 # --------------------------------------------------------------------------------------------
 
 
+def check_config(cfg: DictConfig, n_layers: int) -> None:
+    """Every ``study.*`` setting the chosen jobs read, checked before any weights load: a bad dataset
+    name in the last job must not surface after the first jobs have run for hours."""
+    from ds_study import data
+
+    sc = cfg.study
+
+    def fail(key: str, want: str, got) -> None:
+        raise ValueError(f"study.{key} must be {want}, got {got!r}")
+
+    for job in sc.jobs:
+        names = sc[job].get("datasets") if job in sc else None
+        unknown = [d for d in (names or []) if d not in data.TASKS]
+        if unknown:
+            fail(f"{job}.datasets", f"null or a list of {', '.join(sorted(data.TASKS))}", list(names))
+    if "sensitivity" in sc.jobs or "propagation" in sc.jobs:
+        sens = sc.sensitivity
+        if sens.critical_mode not in ("relative", "absolute"):
+            fail("sensitivity.critical_mode", "relative or absolute", sens.critical_mode)
+        if not 0 <= float(sens.critical_threshold) < 1:
+            fail("sensitivity.critical_threshold", "a fraction in [0, 1)", sens.critical_threshold)
+        if any(not 0 <= float(q) <= 100 for q in sens.percentiles):
+            fail("sensitivity.percentiles", "percentiles in [0, 100]", list(sens.percentiles))
+    if "quality" in sc.jobs:
+        runner.plans_of(sc.quality.plans, n_layers)  # raises on an unknown or out-of-range plan
+    if "propagation" in sc.jobs and not 1 <= int(sc.propagation.top_k) <= n_layers:
+        fail("propagation.top_k", f"an integer in [1, {n_layers}]", sc.propagation.top_k)
+    if "transfer" in sc.jobs and not 1 <= int(sc.transfer.granularity) <= n_layers:
+        fail("transfer.granularity", f"an integer in [1, {n_layers}]", sc.transfer.granularity)
+
+
 def main(cfg: DictConfig, pair=None) -> dict:
     jobs = list(cfg.study.jobs)
     unknown = [j for j in jobs if j not in JOBS]
@@ -269,6 +300,7 @@ def main(cfg: DictConfig, pair=None) -> dict:
     OmegaConf.set_struct(cfg, False)
     cfg.dataset = None
     runner.validate(cfg)
+    check_config(cfg, pair.n_layers if pair is not None else runner.receiver_layers(cfg))
     t0 = time.perf_counter()
     st = Study(cfg, pair)
     run = runner.start_run(cfg, "study", runner.task_of(cfg))

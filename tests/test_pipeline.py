@@ -136,6 +136,32 @@ def test_evaluate_scores_named_and_group_plans(compose_cfg, tmp_path):
     assert not (tmp_path / "r2").exists()  # refused before any run directory or model load
 
 
+@pytest.mark.parametrize("override, message", [
+    ("search.method=foo", "search.method must be exhaustive, greedy or both"),
+    ("search.granularity=[0]", "search.granularity must be an integer in"),
+    ("search.granularity=[9]", "search.granularity must be an integer in"),
+    ("search.deltas=[-0.1]", "search.deltas must be"),
+    ("search.deltas=[1.5]", "search.deltas must be"),
+    ("search.delta_mode=percent", "search.delta_mode must be relative or absolute"),
+    ("search.prior=cos", "search.prior must be"),
+    ("search.greedy_width=3", "search.greedy_width must be"),
+    ("search.max_fraction=0", "search.max_fraction must be in"),
+    ("search.holdout_split=nope", "search.holdout_split must be null, profile or test"),
+    ("search.holdout_split=profile", "is the split being profiled"),
+])
+def test_bad_search_settings_refused_before_any_model_loads(compose_cfg, tmp_path, monkeypatch, override, message):
+    from ds_study import runner
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded before the search settings were checked")
+
+    monkeypatch.setattr(runner, "load_pair_from", no_weights)
+    cfg = compose_cfg("profile", override, f"results_root={tmp_path}/runs", f"cells_root={tmp_path}/cells")
+    with pytest.raises(ValueError, match=message):
+        profile.main(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_lora_variant_does_not_depend_on_earlier_rng_draws(tmp_path):
     """A variant built right after pretraining (which draws from the global RNG) equals one built
     on a reused base: LoRA's initialisation must not inherit the RNG state of earlier work."""
