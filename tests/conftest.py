@@ -20,3 +20,23 @@ def compose_cfg():
             return compose(name, overrides=list(overrides))
 
     return make
+
+
+@pytest.fixture
+def refused_before_weights(compose_cfg, tmp_path, monkeypatch):
+    """``check(main, config_name, override, message)``: the job refuses the override with a ValueError
+    matching ``message`` before loading any weights or creating a run directory."""
+    from ds_study import runner
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded before the settings were checked")
+
+    monkeypatch.setattr(runner, "load_pair_from", no_weights)
+
+    def check(main, config_name: str, override: str, message: str) -> None:
+        cfg = compose_cfg(config_name, override, f"results_root={tmp_path}/runs", f"cells_root={tmp_path}/cells")
+        with pytest.raises(ValueError, match=message):
+            main(cfg)
+        assert not (tmp_path / "runs").exists()
+
+    return check

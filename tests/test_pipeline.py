@@ -149,17 +149,8 @@ def test_evaluate_scores_named_and_group_plans(compose_cfg, tmp_path):
     ("search.holdout_split=nope", "search.holdout_split must be null, profile or test"),
     ("search.holdout_split=profile", "is the split being profiled"),
 ])
-def test_bad_search_settings_refused_before_any_model_loads(compose_cfg, tmp_path, monkeypatch, override, message):
-    from ds_study import runner
-
-    def no_weights(*a, **k):
-        raise AssertionError("weights were loaded before the search settings were checked")
-
-    monkeypatch.setattr(runner, "load_pair_from", no_weights)
-    cfg = compose_cfg("profile", override, f"results_root={tmp_path}/runs", f"cells_root={tmp_path}/cells")
-    with pytest.raises(ValueError, match=message):
-        profile.main(cfg)
-    assert not (tmp_path / "runs").exists()
+def test_bad_search_settings_refused_before_any_model_loads(refused_before_weights, override, message):
+    refused_before_weights(profile.main, "profile", override, message)
 
 
 def test_lora_variant_does_not_depend_on_earlier_rng_draws(tmp_path):

@@ -108,14 +108,5 @@ def test_figures_report_missing_sources(tmp_path):
     ("study.transfer.granularity=0", "study.transfer.granularity must be"),
     ("study.quality.plans=[full_prefill,'6-9']", "outside"),
 ])
-def test_bad_study_settings_refused_before_any_model_loads(compose_cfg, tmp_path, monkeypatch, override, message):
-    from ds_study import runner, study
-
-    def no_weights(*a, **k):
-        raise AssertionError("weights were loaded before the study settings were checked")
-
-    monkeypatch.setattr(runner, "load_pair_from", no_weights)
-    cfg = compose_cfg("study", override, f"results_root={tmp_path}/runs", f"cells_root={tmp_path}/cells")
-    with pytest.raises(ValueError, match=message):
-        study.main(cfg)
-    assert not (tmp_path / "runs").exists()
+def test_bad_study_settings_refused_before_any_model_loads(refused_before_weights, override, message):
+    refused_before_weights(study.main, "study", override, message)
