@@ -84,7 +84,9 @@ class Plan:
 def groups_plan(groups, n_layers: int, label: str | None = None) -> Plan:
     groups = tuple(sorted((int(a), int(b)) for a, b in groups))
     for a, b in groups:
-        if not (0 <= a <= b < n_layers):
+        if a > b:
+            raise PlanError(f"recompute group [{a}, {b}] starts after it ends; write first-last, e.g. {b}-{a}")
+        if not (0 <= a and b < n_layers):
             raise PlanError(f"recompute group [{a}, {b}] is outside layers 0..{n_layers - 1}")
     for (a1, b1), (a2, b2) in zip(groups, groups[1:]):
         if a2 <= b1:

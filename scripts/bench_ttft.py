@@ -583,6 +583,44 @@ def cmd_figures(args) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def receiver_layers(args) -> int:
+    """The receiver's layer count from its config alone (what load_setup will load, without the weights)."""
+    if args.random or (args.receiver.startswith("zoo:") and not zoo_available()):
+        from omegaconf import OmegaConf
+
+        from ds_study.zoo import CONF_DIR
+
+        return int(OmegaConf.load(CONF_DIR / "zoo.yaml").model.num_hidden_layers)
+    from transformers import AutoConfig
+
+    from ds_study.pair import resolve, shape_of
+
+    return shape_of(AutoConfig.from_pretrained(resolve(args.receiver)))["num_hidden_layers"]
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Refuse bad numbers and impossible plans before any model is loaded or context captured."""
+    from ds_study.executor import parse_plan
+
+    for flag in ("examples", "reps", "threads", "chunk_bytes", "random_tokens"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not args.gbps > 0 or args.latency_ms < 0:
+        p.error(f"--gbps must be > 0 and --latency-ms >= 0, got {args.gbps} and {args.latency_ms}")
+    try:
+        sweep = [float(x) for x in args.sweep.split(",")]
+    except ValueError:
+        sweep = []
+    if not sweep or any(not x > 0 for x in sweep):
+        p.error(f"--sweep must be comma-separated bandwidths > 0 in Gbit/s, got {args.sweep!r}")
+    n = receiver_layers(args)
+    for plan in (args.plans.split(";") if args.plans else DEFAULT_PLANS) + [args.plan]:
+        try:
+            parse_plan(plan, n)
+        except ValueError as e:
+            p.error(f"plan {plan!r}: {e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=("quality", "bandwidth", "timeline", "spans", "figures", "all"))
@@ -603,6 +641,8 @@ def main() -> None:
     p.add_argument("--random-tokens", type=int, default=768)
     p.add_argument("--out", default=None, help="result file stem (default per command)")
     args = p.parse_args()
+    if args.command != "figures":
+        check_args(p, args)
     torch.set_num_threads(args.threads)
     if args.command in ("quality", "all"):
         cmd_quality(args)

@@ -401,3 +401,19 @@ def test_gpu_benchmark_breakdown_and_graph_steps_run_on_cpu(tmp_path):
                           "--plans", "0-3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "not a group a-b with 0 < a" in bad.stderr
 
+
+
+@pytest.mark.parametrize("args, message", [
+    (["quality", "--reps", "0"], "--reps must be >= 1"),
+    (["bandwidth", "--sweep", "0,1"], "--sweep must be comma-separated bandwidths > 0"),
+    (["quality", "--plans", "2-3;6-9"], "plan '6-9': recompute group [6, 9] is outside layers 0..7"),
+    (["spans", "--plan", "3-2"], "starts after it ends"),
+])
+def test_cpu_benchmark_refuses_bad_arguments_before_loading(args, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "scripts/bench_ttft.py", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Loading weights" not in proc.stderr

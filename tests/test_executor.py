@@ -126,6 +126,8 @@ def test_plan_parsing_and_errors():
     assert parse_plan("cacheblend@0.3", 8).ratio == 0.3
     with pytest.raises(PlanError, match="outside layers 0..7"):
         parse_plan("6-8", 8)
+    with pytest.raises(PlanError, match="starts after it ends; write first-last, e.g. 2-3"):
+        parse_plan("3-2", 8)
     with pytest.raises(PlanError, match="overlap"):
         parse_plan("0-3,3-4", 8)
     with pytest.raises(PlanError, match="cannot parse"):
