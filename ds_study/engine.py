@@ -28,6 +28,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,7 +40,8 @@ from transformers import DynamicCache
 
 from ds_study.caches import KINDS, CacheChecksumError, ContextCache, tensors_sha256
 from ds_study.executor import (Plan, PlanError, check_supported, decode, greedy_after, groups_plan, lower_right_exact,
-                               parse_plan, recompute_group, recompute_group_streaming, run_layer)
+                               parse_plan, recompute_group, recompute_group_streaming, run_layer,
+                               streams_e_rows)
 
 STRATEGIES: dict[str, str] = {
     "send_all": "(a) load E and every layer's KV, then recompute",
@@ -89,6 +91,12 @@ def model_identity(model_id: dict | str) -> str:
 
 def context_hash(token_ids: list[int]) -> str:
     return hashlib.sha256(json.dumps(list(token_ids)).encode()).hexdigest()[:16]
+
+
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (just the type when the message is empty), for failure reasons."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
 
 
 def _safe(s: str) -> str:
@@ -180,6 +188,15 @@ class KVStore:
             raise CacheChecksumError(f"entry {key} is corrupt (checksum mismatch); rejected")
         self._mem[key] = entry
         return entry.tensor
+
+    def reread(self, key: EntryKey) -> bool:
+        """Drop the in-memory copy of a persisted entry (found corrupt in flight), so the next use reads
+        the file again. An entry held only in memory is kept: later requests reject it and repair,
+        which beats failing them over to full prefill."""
+        if self.root is None or not (self.root / key.relpath()).is_file():
+            return False
+        self._mem.pop(key, None)
+        return True
 
     def checksum(self, key: EntryKey) -> str:
         entry = self._mem.get(key) or self._from_disk(key)
@@ -290,9 +307,12 @@ class Link:
                 bounds.append(bounds[-1] + s.numel())
             ctx = torch.cuda.stream(stream) if stream is not None else _nullctx()
             start = self.schedule(bounds[-1], ready)
+            booked_until = self.busy_until
             with ctx:
                 for lo, hi in self.chunks(bounds[-1], start):
                     if cancelled is not None and cancelled():
+                        if self.busy_until == booked_until:  # the rest never goes on the wire: free it from now
+                            self.busy_until = max(start, time.perf_counter())
                         return None
                     for j, (s, d) in enumerate(flat):  # a chunk may span tensor boundaries
                         a, b = max(lo, bounds[j]) - bounds[j], min(hi, bounds[j + 1]) - bounds[j]
@@ -589,8 +609,10 @@ class Arrivals:
         self.spans.append(Span(request, "load", start, end, item.layer, item.kind))
         self._set(item)
 
-    def reject(self, item: Item, reason: str) -> None:
+    def reject(self, item: Item, reason: str, nbytes: int = 0) -> None:
+        """``nbytes``: what crossed the link before the entry was found corrupt (counted in ``bytes``)."""
         self.rejected[item] = reason
+        self.bytes += nbytes
         self._set(item)
 
     def fail(self, reason: str) -> None:
@@ -626,6 +648,8 @@ class ArrivalCache(DynamicCache):
     Starts with zero-copy placeholders of the context's length (so positions and masks are right
     before anything arrived); on a layer's first ``update`` it calls ``fetch(i)`` -- which may
     block on that layer's arrival -- swaps the arrived K/V in, then appends the suffix K/V.
+    A sliding-window layer holds what transformers' own layer would after the context: its last
+    ``window - 1`` tokens, with the context's full length as the position count.
     """
 
     def __init__(self, config, n_tokens: int, fetch: Callable[[int], tuple], dtype, device):
@@ -633,9 +657,14 @@ class ArrivalCache(DynamicCache):
 
         super().__init__(config=config)
         shape = shape_of(config)
-        ph = torch.zeros((), dtype=dtype, device=device).expand(1, shape["num_key_value_heads"], n_tokens,
-                                                                 shape["head_dim"])
-        for layer in self.layers:
+        self._keep: dict[int, int] = {}  # sliding layer -> how many trailing context tokens it holds
+        for i, layer in enumerate(self.layers):
+            n = n_tokens
+            if getattr(layer, "is_sliding", False):
+                n = self._keep[i] = min(n_tokens, layer.sliding_window - 1)
+                layer.cumulative_length = n_tokens
+            ph = torch.zeros((), dtype=dtype, device=device).expand(1, shape["num_key_value_heads"], n,
+                                                                     shape["head_dim"])
             layer.device, layer.keys, layer.values, layer.is_initialized = device, ph, ph, True
         self._fetch = fetch
         self._ready: set[int] = set()
@@ -643,6 +672,8 @@ class ArrivalCache(DynamicCache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if layer_idx not in self._ready:
             k, v = self._fetch(layer_idx)
+            if layer_idx in self._keep:
+                k, v = k[..., k.shape[-2] - self._keep[layer_idx]:, :], v[..., v.shape[-2] - self._keep[layer_idx]:, :]
             layer = self.layers[layer_idx]
             layer.keys, layer.values = k.to(key_states.dtype), v.to(value_states.dtype)
             self._ready.add(layer_idx)
@@ -931,27 +962,33 @@ def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout
     result = RequestResult(req.name, strategy, plan.name, req.arrival, 0.0, spans=spans)
     recomputed: dict = {}
 
-    def timed_wait(item: Item):
+    @contextmanager
+    def waiting(item: Item):
+        """One "wait" span per blocking wait, however it ends (arrival, failure, timeout)."""
         start = arrivals.now()
-        got = arrivals.wait(item, timeout_s)
-        if arrivals.now() - start > 1e-4:
-            spans.append(Span(req.name, "wait", start, arrivals.now(), item.layer, item.kind))
-        return got
+        try:
+            yield
+        finally:
+            if arrivals.now() - start > 1e-4:
+                spans.append(Span(req.name, "wait", start, arrivals.now(), item.layer, item.kind))
+
+    def timed_wait(item: Item):
+        with waiting(item):
+            return arrivals.wait(item, timeout_s)
 
     fetch_e = lambda a: timed_wait(Item(a, "e"))[0]  # noqa: E731
     fetch_kv = lambda i: timed_wait(Item(i, "kv"))  # noqa: E731
 
     def fetch_e_rows(a: int, rows: int) -> tuple[torch.Tensor, int]:
-        start = arrivals.now()
-        got = arrivals.wait_rows(Item(a, "e"), rows, timeout_s, soon_s=E_SOON_S)
-        if got is None:  # all of E is in (or it failed: wait raises)
-            e = timed_wait(Item(a, "e"))[0]
-            return e, e.shape[-2]
-        if arrivals.now() - start > 1e-4:
-            spans.append(Span(req.name, "wait", start, arrivals.now(), a, "e"))
-        return got
+        with waiting(Item(a, "e")):
+            got = arrivals.wait_rows(Item(a, "e"), rows, timeout_s, soon_s=E_SOON_S)
+            if got is None:  # all of E is in, or due soon (or it failed: wait raises)
+                e = arrivals.wait(Item(a, "e"), timeout_s)[0]
+                return e, e.shape[-2]
+            return got
 
-    stream = (fetch_e_rows, e_chunk_tokens) if strategy in STREAMING and e_chunk_tokens else (None, 0)
+    streamable = strategy in STREAMING and e_chunk_tokens and streams_e_rows(req.model)  # else: whole E first
+    stream = (fetch_e_rows, e_chunk_tokens) if streamable else (None, 0)
     fast = {"graphs": graphs, "overlap": overlap}
     with LayerClock(req.model, req.name, t0, spans) as clock:
         try:
@@ -1017,48 +1054,59 @@ class StoreLoader(threading.Thread):
             for item in arr.items:
                 if arr.cancelled.is_set():
                     break
-                keys = [entry_key(req.sender, req.receiver, ctx, item.layer, k) for k in item.entry_kinds()]
                 try:
-                    srcs = [self.store.get(k, verify=False) for k in keys]
-                    want = [self.store.checksum(k) for k in keys]
-                except Exception as e:  # noqa: BLE001 - a broken source fails the request, never hangs it
-                    arr.fail(f"loading {item.name} failed: {type(e).__name__}: {e}")
+                    if not self._send(req, arr, item, ctx, released):
+                        break
+                except Exception as e:  # noqa: BLE001 - whatever breaks fails this request now, never hangs it
+                    arr.fail(f"loading {item.name} failed: {error_line(e)}")
                     break
-                # Checksums are taken on the bytes as they go over the link (host memory); other
-                # sources are verified before sending.
-                on_host = all(s.device.type == "cpu" for s in srcs)
-                hashers = [entry_hasher(s) for s in srcs] if self.verify and on_host else None
-                if self.verify and not on_host:
-                    try:
-                        srcs = [self.store.get(k) for k in keys]
-                    except CacheChecksumError as e:
-                        arr.reject(item, str(e))
-                        continue
-                feed = None if hashers is None else (lambda j, seg, hs=hashers: hs[j].update(seg.numpy()))
-                dev = self.device or srcs[0].device
-                if self.stream is None:
-                    dsts = [torch.empty(s.shape, dtype=s.dtype, device=dev) for s in srcs]
-                    if item.kind == "e" and len(dsts) == 1:  # E streams: its first rows are usable early
-                        arr.begin(item, dsts[0])
-                        feed = _and_advance(feed, arr, item)
-                else:  # written on the side stream, read on the compute stream: tell the allocator both
-                    with torch.cuda.stream(self.stream):
-                        dsts = [torch.empty(s.shape, dtype=s.dtype, device=dev) for s in srcs]
-                    for d in dsts:
-                        d.record_stream(torch.cuda.default_stream(dev))
-                start = self.link.copy(srcs, dsts, self.stream, cancelled=arr.cancelled.is_set, on_segment=feed,
-                                       ready=released)
-                if start is None:
-                    break
-                if hashers is not None and [h.hexdigest() for h in hashers] != want:
-                    arr.reject(item, f"entry {item.name} is corrupt (checksum mismatch); rejected")
-                    continue
-                ev = None
-                if self.stream is not None:
-                    ev = torch.cuda.Event()
-                    ev.record(self.stream)
-                arr.deliver(item, tuple(dsts), start - arr.t0, arr.now(), ev, req.name)  # wire start, arrival
             prev = arr
+
+    def _send(self, req: Request, arr: Arrivals, item: Item, ctx: str, released: float) -> bool:
+        """Move one item over the link into ``arr``; False when the request stops (failed or cancelled)."""
+        keys = [entry_key(req.sender, req.receiver, ctx, item.layer, k) for k in item.entry_kinds()]
+        srcs = [self.store.get(k, verify=False) for k in keys]
+        want = [self.store.checksum(k) for k in keys]
+        # Checksums are taken on the bytes as they go over the link (host memory); other
+        # sources are verified before sending.
+        on_host = all(s.device.type == "cpu" for s in srcs)
+        hashers = [entry_hasher(s) for s in srcs] if self.verify and on_host else None
+        if self.verify and not on_host:
+            try:
+                srcs = [self.store.get(k) for k in keys]
+            except CacheChecksumError as e:
+                arr.reject(item, str(e))
+                return True
+        feed = None if hashers is None else (lambda j, seg, hs=hashers: hs[j].update(seg.numpy()))
+        dev = self.device or srcs[0].device
+        if self.stream is None:
+            dsts = [torch.empty(s.shape, dtype=s.dtype, device=dev) for s in srcs]
+            if item.kind == "e" and len(dsts) == 1:  # E streams: its first rows are usable early
+                arr.begin(item, dsts[0])
+                feed = _and_advance(feed, arr, item)
+        else:  # written on the side stream, read on the compute stream: tell the allocator both
+            with torch.cuda.stream(self.stream):
+                dsts = [torch.empty(s.shape, dtype=s.dtype, device=dev) for s in srcs]
+            for d in dsts:
+                d.record_stream(torch.cuda.default_stream(dev))
+        start = self.link.copy(srcs, dsts, self.stream, cancelled=arr.cancelled.is_set, on_segment=feed,
+                               ready=released)
+        if start is None:
+            return False
+        nbytes = sum(d.numel() * d.element_size() for d in dsts)
+        if hashers is not None:
+            bad = [k for k, h, w in zip(keys, hashers, want) if h.hexdigest() != w]
+            if bad:
+                for k in bad:
+                    self.store.reread(k)
+                arr.reject(item, f"entry {item.name} is corrupt (checksum mismatch); rejected", nbytes)
+                return True
+        ev = None
+        if self.stream is not None:
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        arr.deliver(item, tuple(dsts), start - arr.t0, arr.now(), ev, req.name)  # wire start, arrival
+        return True
 
 
 E_SOON_S = 5e-3  # streaming E: if the rest of E is due within this, recompute once over all of it
@@ -1128,13 +1176,16 @@ class Engine:
             arr.t0 = t0
         loader.go.set()
         results = []
-        for (req, strat, plan, _), (_, _, arr) in zip(checked, jobs):
-            _sleep_until(t0 + req.arrival)
-            results.append(execute(req, strat, plan, arr, self.timeout_s, self.e_chunk_tokens, self.suffix_graphs,
-                                   self.overlap_recompute))
-        for _, _, arr in jobs:
-            arr.cancelled.set()
-        loader.join(timeout=self.timeout_s)
+        try:
+            for (req, strat, plan, _), (_, _, arr) in zip(checked, jobs):
+                _sleep_until(t0 + req.arrival)
+                results.append(execute(req, strat, plan, arr, self.timeout_s, self.e_chunk_tokens,
+                                       self.suffix_graphs, self.overlap_recompute))
+        finally:  # also when a request raised: release a loader waiting for a prefill that will not come
+            for _, _, arr in jobs:
+                arr.cancelled.set()
+                arr.prefilled.set()
+            loader.join(timeout=self.timeout_s)
         return results
 
 

@@ -293,6 +293,11 @@ class AppendKV(LayerKV):
 
 
 @torch.no_grad()
+def streams_e_rows(model) -> bool:
+    """Whether ``recompute_group_streaming`` supports the model (not with sliding-window attention)."""
+    return not getattr(model.config, "sliding_window", None)
+
+
 def recompute_group_streaming(model, a: int, b: int, n_tokens: int, e_rows: Callable[[int], tuple], chunk: int) -> LayerKV:
     """Receiver layers a..b over the context from the sender's E_a, as E_a's token rows arrive.
 
@@ -304,7 +309,7 @@ def recompute_group_streaming(model, a: int, b: int, n_tokens: int, e_rows: Call
     max(compute, load) bound does not count). The same operations as recompute_group, except that
     matrix products run per chunk (float summation order), and no sliding-window support.
     """
-    if getattr(model.config, "sliding_window", None):
+    if not streams_e_rows(model):
         raise PlanError("streaming recomputation does not support sliding-window attention")
     device = next(model.parameters()).device
     kv = AppendKV()

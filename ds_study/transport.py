@@ -30,7 +30,7 @@ import torch
 
 from ds_study.caches import tensors_sha256
 from ds_study.engine import (Arrivals, Item, Link, Request, RequestResult, check_request, context_hash,
-                             execute, model_identity, transfer_items)
+                             error_line, execute, model_identity, transfer_items)
 from ds_study.executor import LayerKV, run_layers
 
 SENDER, RECEIVER = 0, 1
@@ -180,12 +180,12 @@ class DistLoader(threading.Thread):
                 bad = [i for i, (b, t) in enumerate(zip(bufs, head["tensors"]))
                        if tensors_sha256({"t": b}) != t["sha256"]]
                 if bad:
-                    self.arr.reject(item, "checksum mismatch after transfer")
+                    self.arr.reject(item, "checksum mismatch after transfer", total)
                     continue
                 dev = self.device or self.wire
                 self.arr.deliver(item, tuple(b.to(dev) for b in bufs), start, self.arr.now(), request=self.request)
         except Exception as e:  # noqa: BLE001 - a dead or confused sender must never hang the receiver
-            self.arr.fail(f"transfer from the sender failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            self.arr.fail(f"transfer from the sender failed: {error_line(e)}")
 
 
 def receive(model, identity: str, plan, strategy: str, prefix_ids: list[int], suffix_ids: list[int],
@@ -214,10 +214,13 @@ def receive(model, identity: str, plan, strategy: str, prefix_ids: list[int], su
             raise RuntimeError(f"sender shape {hello['shape']} differs from the receiver's")
         if hello["context"] != context_hash(prefix_ids):
             raise RuntimeError("sender answered for a different context")
+        # TTFT counts from here: connecting and the handshake are set-up (a server keeps its
+        # connections), and how late the sender process started is not the receiver's time
+        arr.t0 = time.perf_counter()
         loader = DistLoader(arr, req.name, backend, next(model.parameters()).device)
         loader.start()
     except Exception as e:  # noqa: BLE001
-        arr.fail(f"could not reach the sender: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        arr.fail(f"could not reach the sender: {error_line(e)}")
     req.sender = sender_id or "?"
     result = execute(req, strategy, plan, arr, timeout_s)
     if result.fallback is None:

@@ -417,3 +417,108 @@ def test_cpu_benchmark_refuses_bad_arguments_before_loading(args, message):
                           timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Loading weights" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------- failures inside the engine
+
+
+def test_sliding_window_model_with_a_context_longer_than_its_window():
+    """The final pass's cache holds a sliding layer's last window - 1 context tokens at the context's
+    positions (as transformers' own layer would), so every strategy computes what partial prefill and
+    transformers' forward compute. Streaming E rows does not support sliding windows: the default engine
+    (e_chunk_tokens=64) waits for the whole E instead of failing mid-run."""
+    import transformers as tf
+
+    from ds_study.executor import streams_e_rows
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        cfg = tf.MistralConfig(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256,
+                               sliding_window=16, attn_implementation="sdpa")  # shorter than the context
+        models.append(tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval())
+    receiver, sender = models
+    assert not streams_e_rows(receiver)
+    prefix, suffix = prompt(n_prefix=40)
+    sc = capture(sender, prefix)
+    store = KVStore()
+    publish(store, sc, "s", "r")
+    with torch.no_grad():
+        hf_next = int(receiver(torch.tensor([prefix + suffix])).logits[0, -1].argmax())
+    for plan, strategies in (("full_prefill", ["full_prefill"]), ("full_reuse", ["full_reuse"]),
+                             ("2-3", ["send_all", "send_reused", "pipelined"])):
+        ref, _ = reference_tokens(receiver, parse_plan(plan, 4), prefix, suffix, sc, n=3)
+        if plan == "full_prefill":
+            assert ref[0] == hf_next
+        for strategy in strategies:
+            req = Request("A", receiver, "r", "s", plan, prefix, suffix, max_new_tokens=3)
+            (res,) = Engine(store, Link(gbps=0.05, chunk_bytes=1024), e_chunk_tokens=64).run([req], strategy)
+            assert res.fallback is None and res.token_ids == ref, (plan, strategy)
+    assert [s.layer for s in res.spans if s.op == "recompute"] == [2, 3]  # one step, not chunks
+
+
+def test_a_loader_error_fails_every_request_at_once_with_its_cause(monkeypatch):
+    receiver, _, _, store, prefix, suffix = setup()
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(Link, "copy", broken)
+    reqs = [Request(n, receiver, "r", "s", "2-3", prefix, suffix, arrival=0.01 * i) for i, n in enumerate("AB")]
+    for strategy in ("pipelined", "send_reused"):
+        results = Engine(store, Link(), timeout_s=30).run(reqs, strategy)
+        assert [r.fallback for r in results] == ["full_prefill"] * 2
+        assert all("CUDA out of memory (simulated)" in r.reason for r in results)
+        assert all(r.ttft < 10 for r in results)  # not the 30 s timeout
+
+
+def test_a_request_that_raises_leaves_no_loader_behind():
+    receiver, _, _, store, prefix, suffix = setup()
+    reqs = [Request("A", receiver, "r", "s", "2-3", prefix, [5, 10 ** 6]),  # token outside the vocabulary
+            Request("B", receiver, "r", "s", "2-3", prefix, suffix)]
+    with pytest.raises(IndexError):
+        Engine(store, Link(), timeout_s=30).run(reqs, "send_reused")  # B's loader waits for A's prefill
+    assert not [t for t in threading.enumerate() if t.name == "ds-store-loader" and t.is_alive()]
+
+
+def test_a_cancelled_transfer_frees_the_link():
+    import time
+
+    link = Link(gbps=0.001, chunk_bytes=1000)  # 8 ms per chunk, 80 ms for the whole transfer
+    src, dst = torch.zeros(2500), torch.empty(2500)
+    calls = []
+    cancelled = lambda: len(calls) > 0 or calls.append(1) is not None  # noqa: E731 - cancel before chunk 2
+    assert link.copy([src], [dst], cancelled=cancelled) is None
+    assert link.busy_until <= time.perf_counter()  # the unsent 70 ms are not booked for the next transfer
+
+
+def test_the_whole_wait_for_a_streamed_e_is_on_the_timeline():
+    """An E-started group whose E arrives in one go (rows asked for > rows there are) waits for all of it:
+    that wait appears as one span as long as E's transfer."""
+    receiver, _, _, store, prefix, suffix = setup(n_prefix=64)
+    req = Request("A", receiver, "r", "s", "2-3", prefix, suffix)
+    (res,) = Engine(store, Link(gbps=0.002, chunk_bytes=1024), e_chunk_tokens=1000).run([req], "pipelined")
+    e_load = next(s for s in res.spans if s.op == "load" and s.kind == "e")
+    e_wait = [s for s in res.spans if s.op == "wait" and s.kind == "e"]
+    assert len(e_wait) == 1 and e_wait[0].end >= e_load.end - 1e-3
+    assert e_wait[0].end - e_wait[0].start > 0.5 * (e_load.end - e_load.start)
+
+
+def test_a_corrupt_memory_copy_is_reread_from_disk_and_its_bytes_counted(tmp_path):
+    receiver, sender, sc, _, prefix, suffix = setup()
+    store = KVStore(tmp_path)
+    publish(store, sc, "s", "r")
+    store.get(entry_key("s", "r", context_hash(prefix), 1, "k"), verify=False).mul_(2)  # RAM only; disk is clean
+    req = Request("x", receiver, "r", "s", "3-3", prefix, suffix)
+    (first,) = Engine(store, Link()).run([req], "pipelined")
+    (second,) = Engine(store, Link()).run([req], "pipelined")
+    assert first.rejected == ["KV1"] and second.rejected == [] and second.repaired_plan is None
+    assert first.bytes_loaded == second.bytes_loaded  # the rejected KV1 crossed the link too
+
+
+def test_failure_reasons_survive_exceptions_without_a_message():
+    from ds_study.engine import error_line
+
+    assert error_line(ConnectionResetError()) == "ConnectionResetError"
+    assert error_line(ValueError("first\nsecond")) == "ValueError: first"
