@@ -84,7 +84,8 @@ class ContextCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.as_dict().items()}
         meta = {"model_id": json.dumps(self.model_id), "token_ids": json.dumps(self.token_ids),
-                "n_layers": str(self.n_layers), "checksum": tensors_sha256(tensors), "format": "ds_study.cache/1"}
+                "n_layers": str(self.n_layers), "format": CACHE_FORMAT}
+        meta["checksum"] = _file_checksum(tensors, meta)
         save_file(tensors, str(path), metadata=meta)
         return path
 
@@ -95,14 +96,24 @@ class ContextCache:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if meta.get("format") != "ds_study.cache/1":
+        if meta.get("format") not in ("ds_study.cache/1", CACHE_FORMAT):
             raise CacheChecksumError(f"{path} is not a ds_study cache file")
-        if tensors_sha256(tensors) != meta.get("checksum"):
+        want = tensors_sha256(tensors) if meta["format"] == "ds_study.cache/1" else _file_checksum(tensors, meta)
+        if want != meta.get("checksum"):
             raise CacheChecksumError(f"{path}: checksum mismatch, the cache is corrupt; delete it and recapture")
         n = int(meta["n_layers"])
         get = lambda kind: [tensors[f"{kind}.{i}"].to(device) for i in range(n)]  # noqa: E731
         return cls(get("k"), get("v"), get("e") if "e.0" in tensors else None,
                    json.loads(meta["model_id"]), json.loads(meta["token_ids"]))
+
+
+CACHE_FORMAT = "ds_study.cache/2"  # /2: the checksum also covers the header (model, context, layers); /1 loads too
+
+
+def _file_checksum(tensors: dict, meta: dict) -> str:
+    """sha256 over the tensors' checksum and the header fields a cache is looked up by."""
+    head = json.dumps({k: meta[k] for k in ("model_id", "token_ids", "n_layers", "format")}, sort_keys=True)
+    return hashlib.sha256(f"{tensors_sha256(tensors)}\n{head}".encode()).hexdigest()
 
 
 def analytic_bytes_per_token(config, dtype_bytes: int) -> dict[str, int]:

@@ -76,7 +76,10 @@ class Plan:
 
     @property
     def needs_sender(self) -> bool:
-        return self.kind == "cacheblend" or (self.kind == "groups" and self.n_recomputed() < self._n_layers)
+        """Whether running the plan reads the sender's cache: reused K/V, or E where a group starts after layer 0."""
+        if self.kind != "groups":
+            return True  # cacheblend, reuse_only, sender
+        return self.n_recomputed() < self._n_layers or bool(self.transition_layers())
 
     _n_layers: int = field(default=0, compare=False, repr=False)
 
@@ -217,16 +220,17 @@ def run_layers(model, hidden: torch.Tensor, position_ids: torch.Tensor, start: i
                mask: torch.Tensor | None = None, record_inputs: dict | None = None) -> torch.Tensor:
     """Run decoder layers ``start..end-1`` of ``model`` on ``hidden`` (E at ``start``), writing K/V to ``cache``.
 
-    ``mask`` overrides the fresh causal masks (CacheBlend's selected queries over all keys);
-    ``record_inputs[i]`` receives the residual stream entering layer ``i``.
+    ``mask`` overrides the fresh causal masks: one for every layer, or one per attention type
+    (``{"full_attention": ..., "sliding_attention": ...}``, CacheBlend's selected queries over all
+    keys); ``record_inputs[i]`` receives the residual stream entering layer ``i``.
     """
     inner = model.model
     pos_emb = inner.rotary_emb(hidden, position_ids=position_ids)
-    masks = None if mask is not None else fresh_masks(model, hidden, position_ids)
+    masks = mask if isinstance(mask, dict) else None if mask is not None else fresh_masks(model, hidden, position_ids)
     for i in range(start, end):
         if record_inputs is not None:
             record_inputs[i] = hidden
-        m = mask if mask is not None else masks[layer_type(model.config, i)]
+        m = masks[layer_type(model.config, i)] if masks is not None else mask
         hidden = run_layer(model, i, hidden, m, pos_emb, position_ids, cache)
     return hidden
 
@@ -363,6 +367,8 @@ def partial_prefill(model, plan: Plan, token_ids: list[int], sender: ContextCach
     """
     check_supported(model)
     n = model.config.num_hidden_layers
+    if sender is not None and sender.token_ids and list(sender.token_ids) != list(token_ids):
+        raise PlanError("the sender cache was captured for a different context")
     if plan.kind == "cacheblend":
         return cacheblend_prefill(model, token_ids, sender, plan.ratio, plan.check_layer)
     if plan.kind == "reuse_only":
@@ -372,8 +378,6 @@ def partial_prefill(model, plan: Plan, token_ids: list[int], sender: ContextCach
     rec = set(plan.recomputed_layers())
     if len(rec) < n and sender is None:
         raise PlanError(f"plan {plan.name} reuses layers {plan.reused_layers(n)} but no sender cache was given")
-    if sender is not None and sender.token_ids and list(sender.token_ids) != list(token_ids):
-        raise PlanError("the sender cache was captured for a different context")
     layers: list = [None] * n
     for a, b in plan.groups:
         kv = memo.group(a, b) if memo is not None else recompute_group(model, a, b, token_ids, sender)
@@ -420,10 +424,15 @@ def cacheblend_prefill(model, token_ids: list[int], sender: ContextCache, ratio:
     n_sel = max(1, math.ceil(ratio * T))
     sel = torch.topk(deviation, n_sel).indices.sort().values
     q_pos, kv_pos = sel.view(-1, 1), torch.arange(T, device=device).view(1, -1)
-    mask = torch.zeros(1, 1, n_sel, T, dtype=hidden.dtype, device=device)
-    mask.masked_fill_(kv_pos > q_pos, torch.finfo(hidden.dtype).min)
+    masks = {}  # selected queries over all keys, per attention type (sliding: only the last `window` keys)
+    for kind in {layer_type(model.config, i) for i in range(check_layer + 1, n)}:
+        blocked = kv_pos > q_pos
+        if kind == "sliding_attention":
+            blocked |= kv_pos <= q_pos - model.config.sliding_window
+        masks[kind] = torch.zeros(1, 1, n_sel, T, dtype=hidden.dtype, device=device).masked_fill_(
+            blocked, torch.finfo(hidden.dtype).min)
     blend = BlendKV(sender, sel)
-    run_layers(model, hidden[:, sel], sel.unsqueeze(0), check_layer + 1, n, blend, mask=mask)
+    run_layers(model, hidden[:, sel], sel.unsqueeze(0), check_layer + 1, n, blend, mask=masks)
     return layers + [(blend.k[i], blend.v[i]) for i in range(check_layer + 1, n)]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +57,11 @@ def local_dir(ref: str) -> Path:
 def weights_sha256(path: Path) -> str:
     """sha256 over (name, sha256) of every weight file, memoized by path, size and mtime."""
     memo_path = Path(os.environ.get("DS_STUDY_CACHE", Path.home() / ".cache" / "ds_study")) / "weight_hashes.json"
-    memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+    try:
+        memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+    except (OSError, ValueError):  # torn or foreign: it is only a cache, rebuild it
+        memo = {}
+    known = len(memo)
     files = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
     if not files:
         raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {path}")
@@ -71,11 +76,14 @@ def weights_sha256(path: Path) -> str:
                     h.update(block)
             memo[key] = h.hexdigest()
         outer.update(f"{f.name}:{memo[key]}\n".encode())
-    try:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        memo_path.write_text(json.dumps(memo))
-    except OSError:
-        pass
+    if len(memo) != known:  # atomically: worker processes read it while another may be writing
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo_path.with_name(f"{memo_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, memo_path)
+        except OSError:
+            pass
     return outer.hexdigest()
 
 

@@ -218,7 +218,7 @@ class Evaluator:
             r = e["receiver"]  # the receiver's own capture *is* its full prefill
             return decode(self.pair.receiver, list(zip(r.keys, r.values)), p.suffix_ids,
                           self.task.max_new_tokens, tok.eos_token_id, stop=self.stop)
-        needs_sender = plan.kind != "groups" or plan.n_recomputed() < self.pair.n_layers
+        needs_sender = plan.needs_sender
         sender_cache = self.caches(ex)[0] if needs_sender else None
         memo = None
         if plan.kind == "groups" and needs_sender:

@@ -8,7 +8,7 @@ from ds_study.executor import (PlanError, capture, decode, parse_plan, partial_p
 from ds_study.pair import UnsupportedArchitecture
 
 torch.manual_seed(0)
-ARCHS = ("llama", "mistral", "qwen2", "mixtral")
+ARCHS = ("llama", "mistral", "qwen2", "mixtral", "mistral_sw8", "qwen2_sw8")
 
 
 def tiny_model(arch: str, seed: int = 0):
@@ -21,6 +21,9 @@ def tiny_model(arch: str, seed: int = 0):
         "mistral": lambda: tf.MistralConfig(**common, sliding_window=None),
         "qwen2": lambda: tf.Qwen2Config(**common),
         "mixtral": lambda: tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+        # windows shorter than the test contexts (40 tokens): sliding layers only, and mixed with full ones
+        "mistral_sw8": lambda: tf.MistralConfig(**common, sliding_window=8),
+        "qwen2_sw8": lambda: tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=2),
     }[arch]()
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -159,6 +162,54 @@ def test_cache_roundtrip_bytes_and_checksum(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(CacheChecksumError, match="corrupt"):
         ContextCache.load(path)
+
+
+def test_cache_header_is_covered_by_the_checksum_and_old_files_still_load(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ds_study.caches import tensors_sha256
+
+    c = capture(tiny_model("llama"), prompt(seed=7)[0], model_id={"name": "m"})
+    path = c.save(tmp_path / "c.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    forged = dict(meta, model_id=json.dumps({"name": "other"}))  # same tensors, another model's name
+    save_file(tensors, str(tmp_path / "forged.safetensors"), metadata=forged)
+    with pytest.raises(CacheChecksumError, match="corrupt"):
+        ContextCache.load(tmp_path / "forged.safetensors")
+    old = dict(meta, format="ds_study.cache/1", checksum=tensors_sha256(tensors))  # written before the header counted
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=old)
+    assert ContextCache.load(tmp_path / "v1.safetensors").model_id == {"name": "m"}
+
+
+def test_every_plan_kind_checks_the_sender_context_and_says_when_it_needs_a_sender():
+    model = tiny_model("llama")
+    prefix, suffix = prompt(seed=8)
+    other = capture(model, prompt(seed=9)[0])  # same length, another context
+    for spec in ("2-3", "cacheblend@0.5", "reuse_only:2"):
+        with pytest.raises(PlanError, match="different context"):
+            partial_prefill(model, parse_plan(spec, 4), prefix, other)
+    needs = {s: parse_plan(s, 4).needs_sender for s in ("full_prefill", "0-3", "full_reuse", "2-3", "0-1,2-3",
+                                                        "cacheblend", "reuse_only:2", "sender")}
+    assert needs == {"full_prefill": False, "0-3": False, "full_reuse": True, "2-3": True,
+                     "0-1,2-3": True,  # all layers recomputed, but [2, 3] starts from the sender's E_2
+                     "cacheblend": True, "reuse_only:2": True, "sender": True}
+
+
+def test_weight_hash_memo_survives_a_torn_file(tmp_path, monkeypatch):
+    from ds_study.pair import weights_sha256
+
+    monkeypatch.setenv("DS_STUDY_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"x" * 1000)
+    first = weights_sha256(ckpt)
+    (tmp_path / "cache" / "weight_hashes.json").write_text('{"trunc')  # a writer killed halfway
+    assert weights_sha256(ckpt) == first
+    assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
 def test_decode_stops_at_eos():
