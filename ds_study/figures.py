@@ -160,7 +160,7 @@ def fig_profile(files: list[Path], out: Path, formats) -> list[Path]:
         ax.scatter(pts.k, pts.score, s=12, color="C7", label=f"groups (g={g})")
         front = pd.DataFrame(m["exhaustive"][str(g)]["frontier"]).dropna(subset=["score"])
         ax.plot(front.k, front.score, "-", color="C0", label="frontier")
-        if (f.with_name("greedy.csv")).exists():
+        if m.get("greedy") and f.with_name("greedy.csv").exists():
             gr = pd.read_csv(f.with_name("greedy.csv"))
             ax.scatter(gr.k, gr.score, marker="x", color="C1", s=30,
                        label=f"greedy ({m['greedy']['evaluations']} evals)")
@@ -240,10 +240,15 @@ def _commands(files: list[Path]) -> list[str]:
     return cmds
 
 
+class FigureError(RuntimeError):
+    """Some figures could not be drawn from their result files; the others were made."""
+
+
 def make_all(results: Path = Path("results"), out: Path = Path("paper_figures"),
              formats=("png", "pdf")) -> list[Path]:
     """Every figure whose result files exist, plus FIGURE_SOURCES.md mapping figures to files and commands."""
     results, out = Path(results), Path(out)
+    failed: list[str] = []
     made, lines = [], ["# Figure sources", "",
                        "Regenerate every figure from the result files alone (no model runs):", "",
                        "    python -m ds_study.figures" + ("" if str(results) == "results" else f" --results {results}")
@@ -255,7 +260,13 @@ def make_all(results: Path = Path("results"), out: Path = Path("paper_figures"),
         if not files:
             lines += [f"## {name} ({paper} analogue): not made", "", f"No `{results}/{pattern}` yet.", ""]
             continue
-        paths = fn(files, out / name, formats)
+        try:
+            paths = fn(files, out / name, formats)
+        except Exception as e:  # noqa: BLE001 - one unreadable result set must not cost the other figures
+            failed.append(f"{name}: {type(e).__name__}: {e}")
+            lines += [f"## {name} ({paper} analogue): FAILED", "", f"`{type(e).__name__}: {e}` while reading:", ""]
+            lines += [f"- `{f}`" for f in files] + [""]
+            continue
         made += paths
         lines += [f"## {name} ({paper} analogue)", "", what + ".", "",
                   "Files: " + ", ".join(f"`{p.name}`" for p in paths), "", "Result files:", ""]
@@ -268,6 +279,9 @@ def make_all(results: Path = Path("results"), out: Path = Path("paper_figures"),
                       "    python scripts/bench_ttft.py figures", "", "Result file made by:", "", f"    {cmd}", ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "FIGURE_SOURCES.md").write_text("\n".join(lines))
+    if failed:
+        raise FigureError("some figures could not be made (the others were, see FIGURE_SOURCES.md):\n  "
+                          + "\n  ".join(failed))
     return made
 
 
@@ -279,7 +293,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="paper_figures")
     ap.add_argument("--formats", default="png,pdf")
     a = ap.parse_args(argv)
-    made = make_all(Path(a.results), Path(a.out), tuple(a.formats.split(",")))
+    try:
+        made = make_all(Path(a.results), Path(a.out), tuple(a.formats.split(",")))
+    except FigureError as e:
+        raise SystemExit(str(e)) from None
     for p in made:
         print(p)
     print(f"{len(made)} files and {Path(a.out) / 'FIGURE_SOURCES.md'}")

@@ -100,6 +100,13 @@ class Example:
     prompt: data.Prompt
 
     @property
+    def input_sha(self) -> str:
+        """What a cell of this example was computed and scored from: prompt token ids and references.
+        A cell stored under another input (edited data, a new template) is recomputed, not reused."""
+        text = json.dumps([self.prompt.prefix_ids, self.prompt.suffix_ids, self.record["answers"]])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
     def id(self) -> str:
         return self.record["_id"]
 
@@ -123,15 +130,19 @@ def score(task: data.TaskSpec, prediction: str, record: dict) -> float:
 class CellStore:
     """Append-only JSONL of evaluated (plan, example) cells, keyed so reruns skip finished work.
 
-    The file is specific to the pair's two weight hashes, the split and the metric version, so a
-    changed model or scoring rule never reuses stale cells.
+    The file is specific to the pair's two weight hashes, the metric version, the prompt length and
+    the generation length (the hashed key), and to the split, dtype and device (named), so a changed
+    model, scoring rule or numeric setting never reuses stale cells; each row also records its
+    example's input (``Example.input_sha``), so edited data never does either.
     """
 
     def __init__(self, root: Path, pair: ModelPair, task: data.TaskSpec, split: str, max_length: int):
         ident = json.dumps([pair.receiver_id["weights_sha256"], pair.sender_id["weights_sha256"],
                             task.metric, metrics.get_metric(task.metric).version, max_length, task.max_new_tokens])
         key = hashlib.sha256(ident.encode()).hexdigest()[:12]
-        self.path = Path(root) / f"{task.name}_{split}_{key}.jsonl"
+        p = next(pair.receiver.parameters())
+        numerics = f"{str(p.dtype).removeprefix('torch.')}_{p.device.type}"
+        self.path = Path(root) / f"{task.name}_{split}_{key}_{numerics}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.cells: dict[tuple[str, str], dict] = {}
         self.reload()
@@ -159,9 +170,14 @@ class CellStore:
 
     def _append(self, text: str) -> None:
         # one write() on an O_APPEND descriptor: lines of concurrent worker processes never interleave
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, text.encode())
+            size = os.fstat(fd).st_size
+            if size and text != "\n" and os.pread(fd, 1, size - 1) != b"\n":
+                text = "\n" + text  # a line cut off (by a kill) since: end it, or this cell would be glued to it
+            data = text.encode()
+            if os.write(fd, data) != len(data):
+                raise OSError(f"short write to {self.path}; the cell will be recomputed on the next run")
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -232,16 +248,15 @@ class Evaluator:
     def cell(self, plan: Plan, ex: Example, out_err: bool = False) -> dict:
         """One scored (plan, example) row, from the store if done before; ``out_err`` adds the relative
         L2 distance of the suffix's final hidden states from the receiver's full prefill."""
-        if self.store is not None and (row := self.store.get(plan.name, ex.id)) is not None:
-            if not out_err or "out_err" in row:
-                self.n_reused += 1
-                return row
+        if self.store is not None and not self.missing(plan, ex, out_err):
+            self.n_reused += 1
+            return self.store.get(plan.name, ex.id)
         t0 = time.perf_counter()
         out = self.run(plan, ex)
         pred = prediction_text(self.pair.tokenizer, out.token_ids)
         row = {"plan": plan.name, "id": ex.id, "n_recomputed": plan.n_recomputed() if plan.kind == "groups" else None,
                "prediction": pred, "answers": ex.record["answers"], "score": score(self.task, pred, ex.record),
-               "metric": self.task.metric, "seconds": round(time.perf_counter() - t0, 4)}
+               "metric": self.task.metric, "seconds": round(time.perf_counter() - t0, 4), "input": ex.input_sha}
         if out_err:
             row["out_err"] = rel_l2(out.suffix_hidden, self.reference_hidden(ex))
         self.n_run += 1
@@ -252,7 +267,7 @@ class Evaluator:
 
     def missing(self, plan: Plan, ex: Example, out_err: bool = False) -> bool:
         row = self.store.get(plan.name, ex.id) if self.store is not None else None
-        return row is None or (out_err and "out_err" not in row)
+        return row is None or row.get("input") != ex.input_sha or (out_err and "out_err" not in row)
 
     def fill(self, plans: list[Plan], examples: list[Example], out_err: bool = False, min_cells: int = 40) -> None:
         """Compute the missing cells of plans x examples with ``workers`` processes sharing the cell file.
@@ -266,24 +281,26 @@ class Evaluator:
         if self.workers <= 1 or self.store is None or self.worker_cfg is None or n_cells < min_cells:
             return
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
         shards = [todo[i::self.workers] for i in range(self.workers)]
         cfg = OmegaConf.to_container(self.worker_cfg, resolve=True)
-        pool = multiprocessing.get_context("spawn").Pool(self.workers - 1)
+        # a worker that dies (killed, out of memory) breaks the pool: its future raises instead of
+        # leaving this process waiting forever; finished cells are in the file either way
+        pool = ProcessPoolExecutor(self.workers - 1, mp_context=multiprocessing.get_context("spawn"))
         try:
-            jobs = [pool.apply_async(fill_cells, (cfg, str(self.store.path.parent), plans, [ex.id for ex in shard],
-                                                  out_err))
+            jobs = [pool.submit(fill_cells, cfg, str(self.store.path.parent), plans, [ex.id for ex in shard], out_err)
                     for shard in shards[1:] if shard]
             for ex in shards[0]:
                 for p in plans:
                     self.cell(p, ex, out_err)
-            self.n_run += sum(j.get() for j in jobs)
-        except BaseException:
-            pool.terminate()
-            raise
+            self.n_run += sum(j.result() for j in jobs)
+        except BrokenProcessPool as e:
+            raise RuntimeError(f"a cell worker process died ({e}); finished cells are kept in {self.store.path}, "
+                               f"so rerunning the same command resumes (workers=1 runs in this process)") from None
         finally:
-            pool.close()  # workers exit on their own once idle
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
         self.store.reload()
 
 

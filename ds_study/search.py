@@ -410,7 +410,7 @@ def holdout_check(cfg, pair, task, table: list[dict], points: dict, n_layers: in
 
 
 def write_comparison_md(out_root: Path) -> Path:
-    """Gather every pair's greedy_vs_exhaustive_<pair>.csv into one markdown table."""
+    """Gather every greedy_vs_exhaustive_<pair>_<dataset>.csv into one markdown table."""
     import pandas as pd
 
     lines = ["# Greedy vs exhaustive profiling", "",
@@ -461,7 +461,12 @@ def print_frontier(front, budget, title: str) -> None:
         print(f"  {k:>3}  {ps}  {b.plan if b else '-':<26}{b.score if b else float('nan'):>8.2f}")
 
 
-PRIORS = ("v_dev", "attn", "kv", "k_dev", "e_dev")  # layer_prior's columns, cheapest evidence first
+PRIORS = ("v_dev", "attn", "kv", "k_dev", "e_dev")
+
+
+def as_list(v) -> list:
+    """A setting given as one value or a list (``search.deltas=0.05`` or ``[0.05,0.01]``)."""
+    return [v] if isinstance(v, (int, float, str)) else list(v)  # layer_prior's columns, cheapest evidence first
 
 
 def check_config(sc, n_layers: int) -> None:
@@ -481,7 +486,7 @@ def check_config(sc, n_layers: int) -> None:
 
     if sc.method not in ("exhaustive", "greedy", "both"):
         fail("method", "exhaustive, greedy or both", sc.method)
-    grans = [sc.granularity] if isinstance(sc.granularity, (int, str)) else list(sc.granularity)
+    grans = as_list(sc.granularity)
     if not grans:
         fail("granularity", "a non-empty list of layer counts, e.g. [2] or [1,2]", list(grans))
     for g in grans:
@@ -499,7 +504,7 @@ def check_config(sc, n_layers: int) -> None:
     for key in ("delta_mode", "critical_mode"):
         if sc[key] not in ("relative", "absolute"):
             fail(key, "relative or absolute", sc[key])
-    deltas = [sc.deltas] if isinstance(sc.deltas, (int, float)) else list(sc.deltas)
+    deltas = as_list(sc.deltas)
     if not deltas or any(not 0 <= float(d) < 1 for d in deltas):
         fail("deltas", "a non-empty list of fractions in [0, 1) (relative; absolute: 0.01 = 1 point)", list(deltas))
     if not 0 <= float(sc.critical_threshold) < 1:
@@ -522,7 +527,7 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
 
     sc, L = cfg.search, pair.n_layers
     check_config(sc, L)
-    grans = [int(x) for x in (sc.granularity if not isinstance(sc.granularity, int) else [sc.granularity])]
+    grans, deltas = [int(x) for x in as_list(sc.granularity)], [float(d) for d in as_list(sc.deltas)]
     root = Path(sc.out_root) if sc.get("out_root") else Path(cfg.results_root).parent / "search"
     out = root / cfg.model_pair.name / task.name
     out.mkdir(parents=True, exist_ok=True)
@@ -535,7 +540,7 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
                     "models": pair.identities(),
                     "base": base, "metric": task.metric, "metric_label": label, "n_examples": len(examples),
                     "n_layers": L,
-                    "delta_mode": sc.delta_mode, "deltas": list(sc.deltas), "method": sc.method}
+                    "delta_mode": sc.delta_mode, "deltas": deltas, "method": sc.method}
 
     if sc.sensitivity:
         rows = evaluate(ev, sensitivity_plans(L), examples, "sensitivity")
@@ -553,7 +558,7 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
             budget = budget_frontier(front)
             pd.DataFrame([p.row() for p in pts]).to_csv(out / f"points_g{g}.csv", index=False)
             pd.DataFrame(frontier_rows(front, budget)).to_csv(out / f"frontier_g{g}.csv", index=False)
-            sel = selections(front, base, sc.deltas, sc.delta_mode)
+            sel = selections(front, base, deltas, sc.delta_mode)
             result["exhaustive"][g] = {"evaluations": n_exhaustive(L, g), "frontier": frontier_rows(front, budget),
                                        "selected": sel}
             print_frontier(front, budget, f"frontier, exhaustive g={g} ({n_exhaustive(L, g)} plans x "
@@ -581,7 +586,7 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
         result["greedy"] = {"evaluations": gre.evaluations, "prior": sc.prior, "prior_values": prior,
                             "width": width, "budget": budget, "max_groups": int(sc.max_groups), "log": gre.log,
                             "points": [p.row() for p in gre.points],
-                            "selected": selections(gbudget, base, sc.deltas, sc.delta_mode)}
+                            "selected": selections(gbudget, base, deltas, sc.delta_mode)}
 
     if exh and gre is not None:
         g = int(sc.greedy_granularity)
@@ -604,8 +609,9 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
         if holdout is not None:
             meta["holdout"] = holdout
             meta["max_shortfall_holdout"] = round(max(0.0, -min(r["diff_holdout"] for r in table)), 2)
-        pd.DataFrame(table).to_csv(root / f"greedy_vs_exhaustive_{cfg.model_pair.name}.csv", index=False)
-        runner.write_json(root / f"greedy_vs_exhaustive_{cfg.model_pair.name}.json", meta)
+        stem = f"greedy_vs_exhaustive_{cfg.model_pair.name}_{task.name}"  # one table per pair and dataset
+        pd.DataFrame(table).to_csv(root / f"{stem}.csv", index=False)
+        runner.write_json(root / f"{stem}.json", meta)
         md = write_comparison_md(root)
         result["comparison"] = {**meta, "table": table, "markdown": str(md)}
         print(f"\ngreedy vs exhaustive (g={g}): {gre.evaluations} vs {n_ex} plans evaluated "
@@ -637,6 +643,11 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
         print(f"\ncritical layers (single-layer reuse drops {label} by more than {sc.critical_threshold:g} "
               f"{sc.critical_mode}): {sens['critical_layers']}")
         print("  per-layer " + label + ": " + " ".join(f"{i}:{s:.1f}" for i, s in enumerate(sens["layer_scores"])))
+    # the directory holds the latest search only: drop tables of granularities or methods it did not run
+    made = {f"{kind}_g{g}.csv" for g in exh for kind in ("points", "frontier")} | ({"greedy.csv"} if gre else set())
+    for f in out.glob("*.csv"):
+        if f.name not in made:
+            f.unlink()
     runner.write_json(out / "search.json", result)
     runner.write_json(run / "search.json", result)
     return result

@@ -293,3 +293,53 @@ def test_holdout_check_scores_the_compared_plans_again(tiny, tmp_path):
     assert comp["max_shortfall_holdout"] == comp["max_shortfall"]
     assert len(list((tmp_path / "cells" / "tinytest").glob("*_test_*.jsonl"))) == 1
     assert "held-out diff" in (tmp_path / "search" / "greedy_vs_exhaustive.md").read_text()
+
+
+def test_cells_are_kept_apart_by_numerics_and_recomputed_when_their_input_changes(tiny, tmp_path):
+    from ds_study import data
+    from ds_study.executor import parse_plan
+    from ds_study.pair import load_pair
+
+    pair = load_pair(str(tiny[0]), str(tiny[1]))
+    task = data.TASKS["pyqa"]
+    store = runner.CellStore(tmp_path, pair, task, "profile", 256)
+    assert store.path.name.endswith("_float32_cpu.jsonl")  # a bfloat16 or CUDA run gets its own file
+    ev = runner.Evaluator(pair, task, store)
+    plan = parse_plan("full_reuse", pair.n_layers)
+    (ex,) = runner.prepare(pair, task, data.load_records("pyqa", "test", path=str(tiny[2]))[:1], 256)
+    ev.cell(plan, ex)
+    ev.cell(plan, ex)
+    assert (ev.n_run, ev.n_reused) == (1, 1)
+    edited = runner.Example(dict(ex.record, answers=["another reference"]), ex.prompt)  # same id, new data
+    assert ev.cell(plan, edited)["answers"] == ["another reference"] and ev.n_run == 2
+
+
+def test_a_cut_off_last_line_never_swallows_the_next_cell(tiny, tmp_path):
+    from ds_study import data
+    from ds_study.pair import load_pair
+
+    pair = load_pair(str(tiny[0]), str(tiny[1]))
+    store = runner.CellStore(tmp_path, pair, data.TASKS["pyqa"], "profile", 256)
+    store.add({"plan": "p", "id": "a", "score": 1.0})
+    with open(store.path, "a") as f:
+        f.write('{"plan": "p", "id": "b", "sco')  # another process killed mid-line, after this store was opened
+    store.add({"plan": "p", "id": "c", "score": 1.0})
+    again = runner.CellStore(tmp_path, pair, data.TASKS["pyqa"], "profile", 256)
+    assert sorted(i for _, i in again.cells) == ["a", "c"]
+
+
+def test_profile_tables_follow_the_latest_search_and_each_dataset_keeps_its_comparison(tiny, tmp_path):
+    from tiny_pair import compose, pair_overrides
+
+    from ds_study import figures, profile
+
+    base = pair_overrides(tiny[0], tiny[1], tmp_path) + [f"dataset_path={tiny[2]}", "threads=1", "workers=1",
+                                                         f"search.out_root={tmp_path / 'search'}",
+                                                         "search.granularity=[1,2]", "search.deltas=0.05"]
+    profile.main(compose("profile", base + ["search.method=both"]))
+    out = tmp_path / "search" / "tinytest" / "pyqa"
+    assert (out / "greedy.csv").exists() and (tmp_path / "search" / "greedy_vs_exhaustive_tinytest_pyqa.csv").exists()
+    profile.main(compose("profile", base + ["search.method=exhaustive", "search.granularity=2"]))
+    assert sorted(f.name for f in out.glob("*.csv")) == ["frontier_g2.csv", "points_g2.csv"]  # no stale greedy
+    figures.make_all(tmp_path, tmp_path / "figs")  # the stale greedy table used to abort every figure
+    assert (tmp_path / "figs" / "FIGURE_SOURCES.md").exists()
