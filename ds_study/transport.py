@@ -166,6 +166,8 @@ class DistLoader(threading.Thread):
 
         try:
             for item in self.arr.items:
+                if self.arr.cancelled.is_set():  # the receiver fell back: stop competing with its prefill
+                    return
                 head = recv_json(SENDER, self.wire)
                 if "error" in head:
                     raise RuntimeError(f"sender error: {head['error']}")
