@@ -162,8 +162,9 @@ class MixedKV(LayerKV):
         self.sender, self.layers = sender, layers
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if layer_idx in self.layers:
-            key_states, value_states = self.sender.keys[layer_idx], self.sender.values[layer_idx]
+        if layer_idx in self.layers:  # on the pass's device and dtype, wherever the sender's cache lives
+            key_states = self.sender.keys[layer_idx].to(key_states.device, key_states.dtype)
+            value_states = self.sender.values[layer_idx].to(value_states.device, value_states.dtype)
         return super().update(key_states, value_states, layer_idx)
 
 
@@ -176,8 +177,8 @@ class BlendKV:
         self.v: dict[int, torch.Tensor] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        k = self.base.keys[layer_idx].clone()
-        v = self.base.values[layer_idx].clone()
+        k = self.base.keys[layer_idx].to(key_states.device, key_states.dtype, copy=True)
+        v = self.base.values[layer_idx].to(value_states.device, value_states.dtype, copy=True)
         k[:, :, self.positions] = key_states
         v[:, :, self.positions] = value_states
         self.k[layer_idx], self.v[layer_idx] = k, v
@@ -273,7 +274,7 @@ def group_input(model, a: int, token_ids: list[int], sender: ContextCache | None
     if sender is None or sender.embeds is None:
         raise PlanError(f"a recompute group starting at layer {a} needs the sender's E at layer {a}, "
                         f"which was not captured")
-    return sender.embeds[a].to(device)
+    return sender.embeds[a].to(device, model.model.embed_tokens.weight.dtype)
 
 
 @torch.no_grad()
@@ -321,7 +322,7 @@ def recompute_group_streaming(model, a: int, b: int, n_tokens: int, e_rows: Call
     while t0 < n_tokens:
         e, have = e_rows(min(n_tokens, t0 + chunk))  # at least one more chunk's rows: take all that are in
         t1 = min(n_tokens, have)
-        hidden = e[:, t0:t1].to(device)
+        hidden = e[:, t0:t1].to(device, model.model.embed_tokens.weight.dtype)
         mask = None  # the first step has no past: the model's own causal mask (its fast path)
         if t0 > 0:  # query t0 + i sees keys j <= t0 + i (triu: 4x cheaper to build than a masked_fill)
             mask = torch.full((1, 1, t1 - t0, t1), torch.finfo(hidden.dtype).min, dtype=hidden.dtype,
@@ -383,9 +384,10 @@ def partial_prefill(model, plan: Plan, token_ids: list[int], sender: ContextCach
         kv = memo.group(a, b) if memo is not None else recompute_group(model, a, b, token_ids, sender)
         for i in range(a, b + 1):
             layers[i] = (kv.k[i], kv.v[i])
+    p = next(model.parameters())
     for i in range(n):
-        if layers[i] is None:
-            layers[i] = (sender.keys[i], sender.values[i])
+        if layers[i] is None:  # reused: on the receiver's device and in its dtype
+            layers[i] = (sender.keys[i].to(p.device, p.dtype), sender.values[i].to(p.device, p.dtype))
     return layers
 
 

@@ -212,6 +212,19 @@ def test_weight_hash_memo_survives_a_torn_file(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
+def test_sender_cache_in_another_dtype_is_cast_for_every_plan_kind():
+    receiver, sender = tiny_model("llama", 0), tiny_model("llama", 1)
+    prefix, suffix = prompt(seed=10)
+    sc = capture(sender, prefix)
+    wide = ContextCache([k.double() for k in sc.keys], [v.double() for v in sc.values],
+                        [e.double() for e in sc.embeds], sc.model_id, sc.token_ids)  # exact copy, float64
+    for spec in ("2-3", "cacheblend@0.5", "reuse_only:2"):
+        plan = parse_plan(spec, 4)
+        want = run_plan(receiver, sender, plan, prefix, suffix, 3, sender_cache=sc)
+        got = run_plan(receiver, sender, plan, prefix, suffix, 3, sender_cache=wide)
+        assert got.token_ids == want.token_ids and torch.equal(got.first_logits, want.first_logits), spec
+
+
 def test_decode_stops_at_eos():
     model = tiny_model("llama")
     prefix, suffix = prompt(seed=8)
