@@ -93,7 +93,8 @@ def main(cfg: DictConfig) -> dict:
         from ds_study import search
 
         summary["search"] = search.run_from_profile(cfg, pair, task, examples, ev, run)
-    summary.update(seconds=round(time.perf_counter() - t0, 1), cells_computed=ev.n_run, cells_reused=ev.n_reused)
+    summary.update(seconds=round(time.perf_counter() - t0, 1), cells_computed=ev.n_run, cells_reused=ev.n_reused,
+                   cells_from_earlier_runs=ev.n_cached)
     runner.write_json(run / "summary.json", summary)
     print(f"\nresults: {run}")
     return summary

@@ -189,7 +189,9 @@ class Evaluator:
     The caches of the ``keep`` most recent examples stay in memory, so a search that evaluates one
     plan over all examples before choosing the next still captures each context once when ``keep``
     covers the profiling split. Recomputed layers are shared between plans of the current example
-    (GroupMemo). ``n_run`` and ``n_reused`` count cells computed and cells found in the store.
+    (GroupMemo). ``n_run`` and ``n_reused`` count cells computed and cells found in the store;
+    ``n_cached`` counts the reused cells that this evaluator (or its workers) did not compute, i.e.
+    results taken from an earlier run.
     """
 
     def __init__(self, pair: ModelPair, task: data.TaskSpec, store: CellStore | None = None, keep: int = 1,
@@ -199,7 +201,8 @@ class Evaluator:
         rule, tok = metrics.stop_rule(task.metric), pair.tokenizer  # early stop that cannot change the score
         self.stop = None if rule is None else (lambda ids: rule(tok.decode(ids, skip_special_tokens=True)))
         self._entries: OrderedDict[str, dict] = OrderedDict()  # example id -> sender/receiver/ref/memo
-        self.n_run = self.n_reused = 0
+        self.n_run = self.n_reused = self.n_cached = 0
+        self._fresh: set[tuple[str, str]] = set()  # (plan, example) cells computed by this evaluator or its workers
 
     def _entry(self, ex: Example) -> dict:
         e = self._entries.get(ex.id)
@@ -250,7 +253,9 @@ class Evaluator:
         L2 distance of the suffix's final hidden states from the receiver's full prefill."""
         if self.store is not None and not self.missing(plan, ex, out_err):
             self.n_reused += 1
+            self.n_cached += (plan.name, ex.id) not in self._fresh
             return self.store.get(plan.name, ex.id)
+        self._fresh.add((plan.name, ex.id))
         t0 = time.perf_counter()
         out = self.run(plan, ex)
         pred = prediction_text(self.pair.tokenizer, out.token_ids)
@@ -277,6 +282,7 @@ class Evaluator:
         the store, so the caller's ordinary loop only reads. Results do not depend on ``workers``.
         """
         missing = {ex.id: sum(self.missing(p, ex, out_err) for p in plans) for ex in examples}
+        self._fresh |= {(p.name, ex.id) for ex in examples for p in plans if self.missing(p, ex, out_err)}
         todo, n_cells = [ex for ex in examples if missing[ex.id]], sum(missing.values())
         if self.workers <= 1 or self.store is None or self.worker_cfg is None or n_cells < min_cells:
             return

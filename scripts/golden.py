@@ -26,6 +26,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -54,12 +55,21 @@ def golden_numbers(run: Path) -> dict:
 
 
 def newest_default_run(root: Path) -> Path:
-    """The newest run directory under a results root whose summary is the default pair's profile job."""
-    runs = sorted((p for p in root.glob("*_profile_tiny_pycode") if (p / "summary.json").exists()),
-                  key=lambda p: p.name)
+    """The newest default-pair profile run directory under a results root (``..._pycode`` or, when two
+    runs started in the same second, ``..._pycode_N``). It must have finished: an unfinished newest
+    run is an error, never a reason to check an older one."""
+    def order(p: Path) -> tuple:
+        stem, _, n = p.name.rpartition("_pycode")
+        return stem, int(n[1:]) if n.startswith("_") and n[1:].isdigit() else 0
+
+    runs = sorted((p for p in root.glob("*_profile_tiny_pycode*") if p.is_dir()
+                   and re.fullmatch(r".*_profile_tiny_pycode(_\d+)?", p.name)), key=order)
     if not runs:
-        raise SystemExit(f"no finished default-pair profile run (*_profile_tiny_pycode) under {root}; "
+        raise SystemExit(f"no default-pair profile run (*_profile_tiny_pycode) under {root}; "
                          "run `python -m ds_study.profile` first")
+    if not (runs[-1] / "summary.json").exists():
+        raise SystemExit(f"the newest default-pair run {runs[-1]} did not finish (no summary.json); "
+                         "rerun `python -m ds_study.profile`")
     return runs[-1]
 
 
@@ -106,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--golden", type=Path, default=GOLDEN)
     ap.add_argument("--tol", type=float, default=2.0, help="quality tolerance, points")
     ap.add_argument("--rtol", type=float, default=1e-3, help="deviation tolerance, relative")
+    ap.add_argument("--fresh", action="store_true",
+                    help="fail unless the run computed every quality cell itself (none read from cells_root)")
     args = ap.parse_args(argv)
     run = args.path if (args.path / "summary.json").exists() else newest_default_run(args.path)
     got = golden_numbers(run)
@@ -122,8 +134,18 @@ def main(argv=None) -> int:
         print(f"GOLDEN CHECK FAILED: {run} against {args.golden}")
         print("\n".join("  " + p for p in problems))
         return 1
+    summary = json.loads((run / "summary.json").read_text())
+    reused = summary.get("cells_from_earlier_runs", summary.get("cells_reused", 0))  # older runs: every reuse
+    if reused and args.fresh:
+        print(f"GOLDEN CHECK FAILED: {run} read {reused} quality cells from its cell cache instead of computing "
+              f"them; rerun with an empty cells_root (python -m ds_study.profile cells_root=DIR)")
+        return 1
     print(f"golden check passed: {run} matches {args.golden} "
           + ("exactly" if exact else f"within tolerance (quality {args.tol} points, deviation rtol {args.rtol:g})"))
+    if reused:
+        print(f"  note: {reused} quality cells came from the cell cache (cells_root), so only the deviation "
+              f"numbers were computed by this checkout; for a check of decoding and partial prefill too, run "
+              f"`python -m ds_study.profile cells_root=/tmp/fresh-cells` and check with --fresh (as CI does)")
     return 0
 
 

@@ -65,3 +65,27 @@ def test_committed_golden_file_describes_the_committed_family():
     want = json.loads(golden.GOLDEN.read_text())
     assert want["models"] == {"receiver": weights_sha256(variant_path("code")),
                               "sender": weights_sha256(variant_path("qa"))}
+
+
+def test_golden_check_takes_the_newest_run_and_never_falls_back_to_an_older_one(tmp_path, capsys):
+    gold = tmp_path / "golden.json"
+    old = fake_run(tmp_path / "runs", "2026-01-01_00-00-00_profile_tiny_pycode")
+    assert golden.main(["write", str(old), "--golden", str(gold)]) == 0
+    fake_run(tmp_path / "runs", "2026-01-01_00-00-09_profile_tiny_pycode_1", k_dev0=1.0)  # same second, moved
+    fake_run(tmp_path / "runs", "2026-01-01_00-00-09_profile_tiny_pycode")
+    assert check(tmp_path / "runs", gold) == 1 and "_pycode_1" in capsys.readouterr().out
+    (tmp_path / "runs" / "2026-01-02_00-00-00_profile_tiny_pycode").mkdir()  # newest, unfinished
+    with pytest.raises(SystemExit, match="did not finish"):
+        check(tmp_path / "runs", gold)
+
+
+def test_golden_check_says_when_quality_came_from_cached_cells(tmp_path, capsys):
+    gold = tmp_path / "golden.json"
+    run = fake_run(tmp_path)
+    assert golden.main(["write", str(run), "--golden", str(gold)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps(dict(summary, cells_from_earlier_runs=12)))
+    assert check(run, gold) == 0 and "12 quality cells came from the cell cache" in capsys.readouterr().out
+    assert golden.main(["check", str(run), "--golden", str(gold), "--fresh"]) == 1
+    (run / "summary.json").write_text(json.dumps(dict(summary, cells_reused=40, cells_from_earlier_runs=0)))
+    assert golden.main(["check", str(run), "--golden", str(gold), "--fresh"]) == 0  # reused within the run
