@@ -65,13 +65,20 @@ def code_line_induction(r: dict) -> str:
 
 
 def sum_docstring_lookup(r: dict) -> str:
-    """First docstring line of ``def <name>(`` in the context: lookup and copy."""
-    m = re.search(r"def " + re.escape(r["input"].strip()) + r"\(.*?\):\s*\n\s*[rRuU]?(\"\"\"|''')\s*(.*?)\s*$",
-                  r["context"], re.S | re.M)
-    if not m:
+    """First docstring line of ``def <name>(`` in the context: lookup and copy. Only the function's own
+    docstring counts, the first statement after its signature (a function without one gives "")."""
+    ctx = r["context"]
+    start = ctx.find(f"def {r['input'].strip()}(")
+    if start < 0:
         return ""
-    body = r["context"][m.start(2):]
-    return next((ln.strip() for ln in body.split("\n") if ln.strip()), "").split('"""')[0].split("'''")[0].strip()
+    end = re.compile(r"\)[^\n]*:[ \t]*(#[^\n]*)?\n").search(ctx, start)  # the signature's last line
+    if end is None:
+        return ""
+    m = re.match(r"\s*[rRuU]?(\"\"\"|'''|\"|')\s*", ctx[end.end():])  # triple- or single-quoted
+    if m is None:
+        return ""
+    body = ctx[end.end() + m.end():]
+    return next((ln.strip() for ln in body.split("\n") if ln.strip()), "").split(m.group(1))[0].strip()
 
 
 # pyqa: the signature of the named function -----------------------------------------------------
@@ -124,10 +131,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", default="results/heuristic_baselines")
+    ap.add_argument("--pair-quality", default=str(ROOT / "results" / "pair_quality.json"),
+                    help="the receivers' scores to compare with (scripts/pair_quality.py --out)")
     args = ap.parse_args()
     tasks = {"pycode": "code_sim", "pysum": "rouge_l", "pyqa": "qa_f1"}
     train = {t: load_records(t, "train") for t in tasks}
-    quality = json.loads((ROOT / "results" / "pair_quality.json").read_text())["pairs"]
+    quality = json.loads(Path(args.pair_quality).read_text())["pairs"]
     rows = []
     for task, rules in baselines(train).items():
         records = load_records(task, args.split)
