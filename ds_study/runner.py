@@ -59,6 +59,9 @@ def validate(cfg: DictConfig) -> data.TaskSpec:
     task = task_of(cfg)
     if cfg.split not in ("profile", "test"):
         raise ValueError(f"split must be 'profile' or 'test', got {cfg.split!r}")
+    limit = cfg.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of examples or null (all), got {limit!r}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device} but CUDA is not available here; use device=cpu")
     return task

@@ -432,10 +432,35 @@ def reusable_base(cfg: DictConfig, out: Path) -> dict | None:
     now = OmegaConf.to_container(cfg, resolve=True)
     if any(prev["recipe"].get(k) != now.get(k) for k in BASE_RECIPE_KEYS):
         return None
+    corpus = CORPUS.relative_to(CORPUS.parents[2]).as_posix()  # the base was pretrained on this text
+    if prev.get("data", {}).get(corpus) != sha256_file(CORPUS):
+        return None
     base_files = {k: v for k, v in prev["files"].items() if k.startswith("base/")}
     if not base_files or any(not (out / k).exists() or sha256_file(out / k) != v for k, v in base_files.items()):
         return None
     return prev
+
+
+def check_build_dir(out: Path) -> None:
+    """A build replaces ``out``: refuse a folder that holds anything but a model family's own files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ZooError(f"out={out} is a file; pass a new or a model-family folder")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return
+    family = set()
+    if (out / MANIFEST).exists():
+        try:
+            family = {MANIFEST, *json.loads((out / MANIFEST).read_text()).get("variants", {})}
+        except (OSError, ValueError):
+            family = set()
+    foreign = sorted(entries - family) if family else sorted(entries)
+    if foreign:
+        raise ZooError(f"out={out} holds files that are not a model family built here ({', '.join(foreign[:5])}"
+                       f"{', ...' if len(foreign) > 5 else ''}); a build would delete them. Pass an empty or "
+                       f"new folder, or delete it yourself")
 
 
 def build(cfg: DictConfig, out: Path) -> dict:
@@ -451,6 +476,7 @@ def build(cfg: DictConfig, out: Path) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.use_deterministic_algorithms(True, warn_only=str(cfg.device).startswith("cuda"))
     previous = reusable_base(cfg, out)
+    check_build_dir(out)
     if previous is None and out.exists():
         shutil.rmtree(out)
     for d in (out.iterdir() if out.exists() else []):
@@ -509,8 +535,9 @@ def compare(built: dict, reference: dict) -> list[str]:
 
 def main(cfg: DictConfig) -> None:
     if cfg.verify_only:
-        manifest = verify(ZOO_DIR)
-        print(f"zoo OK: {len(manifest['files'])} files match {ZOO_DIR / MANIFEST}")
+        root = Path(cfg.out) if cfg.out else ZOO_DIR  # out=DIR: check that family instead of the committed one
+        manifest = verify(root)
+        print(f"zoo OK: {len(manifest['files'])} files match {root / MANIFEST}")
         return
     out = Path(cfg.out) if cfg.out else Path("outputs/zoo_rebuild")
     manifest = build(cfg, out)

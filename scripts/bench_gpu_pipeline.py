@@ -312,7 +312,18 @@ def main(argv=None) -> dict:
     if args.suffix_graphs is None:
         args.suffix_graphs = "on" if device.type == "cuda" else "off"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tokens = [int(t) for t in args.tokens.split(",")]
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+        links = [x for x in args.links.split(",") if x != "host"]
+        bad_link = any(not float(x) > 0 for x in links)
+    except ValueError as e:
+        sys.exit(f"--tokens must be integers and --links 'host' or Gbit/s values: {e}")
+    for what, ok in (("--tokens values", all(t >= 1 for t in tokens)), ("--suffix", args.suffix >= 1),
+                     ("--reps", args.reps >= 1), ("--recompute", args.recompute >= 1),
+                     ("--chunk-mb", args.chunk_mb > 0), ("--h2d-mb", args.h2d_mb >= 1),
+                     ("--links bandwidths", not bad_link)):
+        if not ok:  # checked before the model is built (minutes for the 8B shape)
+            sys.exit(f"{what} must be positive")
     n = SHAPES[args.shape]["num_hidden_layers"]
     plans = args.plans.split(",") if args.plans else [f"{n - args.recompute}-{n - 1}"]
     for plan in plans:  # checked before the model is built

@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="results/bench_profile.json")
     args = ap.parse_args()
+    if args.repeats < 1 or args.examples < 1:
+        ap.error("--repeats and --examples must be >= 1")
     with initialize_config_dir(str(runner.CONF_DIR), version_base="1.3"):
         cfg = compose("profile", overrides=[f"model_pair={args.pair}", f"limit={args.examples}"])
     task = runner.validate(cfg)

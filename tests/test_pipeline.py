@@ -199,3 +199,23 @@ def test_copy_phase_rows_are_repeats_and_phase_is_off_by_default():
     stats = zoo.copy_phase(cfg, model, train, "cpu")
     assert stats["copy_phase_tokens"] == 3 * 2 * 64 and stats["copy_phase_final_loss"] > 0
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_zoo_build_never_deletes_a_folder_that_is_not_a_model_family(tmp_path):
+    import json as _json
+
+    from ds_study.zoo import MANIFEST, ZooError, check_build_dir
+
+    check_build_dir(tmp_path / "new")  # absent or empty: fine
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("x")
+    with pytest.raises(ZooError, match="thesis.tex"):
+        check_build_dir(notes)
+    family = tmp_path / "family"
+    (family / "base").mkdir(parents=True)
+    (family / MANIFEST).write_text(_json.dumps({"variants": {"base": {}, "qa": {}}}))
+    check_build_dir(family)  # an earlier build: replaced
+    (family / "results.csv").write_text("x")
+    with pytest.raises(ZooError, match="results.csv"):
+        check_build_dir(family)
