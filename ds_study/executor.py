@@ -268,13 +268,13 @@ def capture(model, token_ids: list[int], with_embeds: bool = True, model_id: dic
 
 def group_input(model, a: int, token_ids: list[int], sender: ContextCache | None) -> torch.Tensor:
     """What a recompute group starting at layer ``a`` reads: the sender's E_a, or own embeddings if a == 0."""
-    device = next(model.parameters()).device
+    p = next(model.parameters())
     if a == 0:
-        return model.model.embed_tokens(torch.tensor([token_ids], device=device))
+        return model.model.embed_tokens(torch.tensor([token_ids], device=p.device))
     if sender is None or sender.embeds is None:
         raise PlanError(f"a recompute group starting at layer {a} needs the sender's E at layer {a}, "
                         f"which was not captured")
-    return sender.embeds[a].to(device, model.model.embed_tokens.weight.dtype)
+    return sender.embeds[a].to(p.device, p.dtype)
 
 
 @torch.no_grad()
@@ -297,12 +297,12 @@ class AppendKV(LayerKV):
         return key_states, value_states
 
 
-@torch.no_grad()
 def streams_e_rows(model) -> bool:
     """Whether ``recompute_group_streaming`` supports the model (not with sliding-window attention)."""
     return not getattr(model.config, "sliding_window", None)
 
 
+@torch.no_grad()
 def recompute_group_streaming(model, a: int, b: int, n_tokens: int, e_rows: Callable[[int], tuple], chunk: int) -> LayerKV:
     """Receiver layers a..b over the context from the sender's E_a, as E_a's token rows arrive.
 
@@ -316,13 +316,14 @@ def recompute_group_streaming(model, a: int, b: int, n_tokens: int, e_rows: Call
     """
     if not streams_e_rows(model):
         raise PlanError("streaming recomputation does not support sliding-window attention")
-    device = next(model.parameters()).device
+    p = next(model.parameters())
+    device = p.device
     kv = AppendKV()
     t0 = 0
     while t0 < n_tokens:
         e, have = e_rows(min(n_tokens, t0 + chunk))  # at least one more chunk's rows: take all that are in
         t1 = min(n_tokens, have)
-        hidden = e[:, t0:t1].to(device, model.model.embed_tokens.weight.dtype)
+        hidden = e[:, t0:t1].to(device, p.dtype)
         mask = None  # the first step has no past: the model's own causal mask (its fast path)
         if t0 > 0:  # query t0 + i sees keys j <= t0 + i (triu: 4x cheaper to build than a masked_fill)
             mask = torch.full((1, 1, t1 - t0, t1), torch.finfo(hidden.dtype).min, dtype=hidden.dtype,

@@ -45,11 +45,7 @@ def main(cfg: DictConfig) -> dict:
     if cfg.search.enabled:
         from ds_study import search
 
-        search.check_config(cfg.search, n_layers)
-        if cfg.search.get("holdout_split") == cfg.split:
-            raise ValueError(f"search.holdout_split={cfg.split} is the split being profiled; held-out examples "
-                             f"must come from the other one (search.holdout_split="
-                             f"{'test' if cfg.split == 'profile' else 'profile'})")
+        search.check_config(cfg.search, n_layers, cfg.split)
     pair = runner.load_pair_from(cfg)
     examples = runner.prepare(pair, task, records, cfg.max_length)
     run = runner.start_run(cfg, "profile", task)

@@ -10,6 +10,7 @@ cells already there, so an interruption loses at most the cell in progress.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -102,7 +103,7 @@ class Example:
     record: dict
     prompt: data.Prompt
 
-    @property
+    @functools.cached_property  # looked up for every cell
     def input_sha(self) -> str:
         """What a cell of this example was computed and scored from: prompt token ids and references.
         A cell stored under another input (edited data, a new template) is recomputed, not reused."""
@@ -284,9 +285,9 @@ class Evaluator:
         from ``worker_cfg`` and captures its own examples' caches once); afterwards every cell is in
         the store, so the caller's ordinary loop only reads. Results do not depend on ``workers``.
         """
-        missing = {ex.id: sum(self.missing(p, ex, out_err) for p in plans) for ex in examples}
-        self._fresh |= {(p.name, ex.id) for ex in examples for p in plans if self.missing(p, ex, out_err)}
-        todo, n_cells = [ex for ex in examples if missing[ex.id]], sum(missing.values())
+        missing = {(p.name, ex.id) for ex in examples for p in plans if self.missing(p, ex, out_err)}
+        self._fresh |= missing  # computed below, by this process or a worker
+        todo, n_cells = [ex for ex in examples if any((p.name, ex.id) in missing for p in plans)], len(missing)
         if self.workers <= 1 or self.store is None or self.worker_cfg is None or n_cells < min_cells:
             return
         import multiprocessing

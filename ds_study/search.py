@@ -461,17 +461,17 @@ def print_frontier(front, budget, title: str) -> None:
         print(f"  {k:>3}  {ps}  {b.plan if b else '-':<26}{b.score if b else float('nan'):>8.2f}")
 
 
-PRIORS = ("v_dev", "attn", "kv", "k_dev", "e_dev")
+PRIORS = ("v_dev", "attn", "kv", "k_dev", "e_dev")  # layer_prior's columns
 
 
 def as_list(v) -> list:
     """A setting given as one value or a list (``search.deltas=0.05`` or ``[0.05,0.01]``)."""
-    return [v] if isinstance(v, (int, float, str)) else list(v)  # layer_prior's columns, cheapest evidence first
+    return [v] if isinstance(v, (int, float, str)) else list(v)
 
 
-def check_config(sc, n_layers: int) -> None:
+def check_config(sc, n_layers: int, split: str | None = None) -> None:
     """Every ``search.*`` setting, checked before any model is loaded or cell scored (a bad value
-    found after the baselines would cost a real pair hours)."""
+    found after the baselines would cost a real pair hours). ``split``: the one being profiled."""
     def fail(key: str, want: str, got) -> None:
         raise ValueError(f"search.{key} must be {want}, got {got!r}")
 
@@ -512,6 +512,9 @@ def check_config(sc, n_layers: int) -> None:
     if sc.get("holdout_split") is not None:
         if sc.holdout_split not in ("profile", "test"):
             fail("holdout_split", "null, profile or test", sc.holdout_split)
+        if sc.holdout_split == split:
+            fail("holdout_split", f"the split not being profiled ({'test' if split == 'profile' else 'profile'})",
+                 sc.holdout_split)
     if sc.get("holdout_limit") is not None:
         as_int("holdout_limit", sc.holdout_limit, 1)
 
@@ -526,7 +529,7 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
     from ds_study import deviation, metrics, runner
 
     sc, L = cfg.search, pair.n_layers
-    check_config(sc, L)
+    check_config(sc, L, cfg.split)
     grans, deltas = [int(x) for x in as_list(sc.granularity)], [float(d) for d in as_list(sc.deltas)]
     root = Path(sc.out_root) if sc.get("out_root") else Path(cfg.results_root).parent / "search"
     out = root / cfg.model_pair.name / task.name

@@ -475,8 +475,8 @@ def build(cfg: DictConfig, out: Path) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.use_deterministic_algorithms(True, warn_only=str(cfg.device).startswith("cuda"))
-    previous = reusable_base(cfg, out)
     check_build_dir(out)
+    previous = reusable_base(cfg, out)
     if previous is None and out.exists():
         shutil.rmtree(out)
     for d in (out.iterdir() if out.exists() else []):
