@@ -218,15 +218,17 @@ def fresh_masks(model, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict
 
 
 def run_layers(model, hidden: torch.Tensor, position_ids: torch.Tensor, start: int, end: int, cache,
-               mask: torch.Tensor | None = None, record_inputs: dict | None = None) -> torch.Tensor:
+               mask: torch.Tensor | None = None, record_inputs: dict | None = None,
+               pos_emb: tuple | None = None) -> torch.Tensor:
     """Run decoder layers ``start..end-1`` of ``model`` on ``hidden`` (E at ``start``), writing K/V to ``cache``.
 
     ``mask`` overrides the fresh causal masks: one for every layer, or one per attention type
     (``{"full_attention": ..., "sliding_attention": ...}``, CacheBlend's selected queries over all
-    keys); ``record_inputs[i]`` receives the residual stream entering layer ``i``.
+    keys); ``record_inputs[i]`` receives the residual stream entering layer ``i``. ``pos_emb``: the
+    rotary (cos, sin) of ``position_ids``, if already computed.
     """
-    inner = model.model
-    pos_emb = inner.rotary_emb(hidden, position_ids=position_ids)
+    if pos_emb is None:
+        pos_emb = model.model.rotary_emb(hidden, position_ids=position_ids)
     masks = mask if isinstance(mask, dict) else None if mask is not None else fresh_masks(model, hidden, position_ids)
     for i in range(start, end):
         if record_inputs is not None:
@@ -302,6 +304,14 @@ def streams_e_rows(model) -> bool:
     return not getattr(model.config, "sliding_window", None)
 
 
+def rotary_table(model, n: int) -> tuple:
+    """Rotary (cos, sin) of positions 0..n-1, shape (1, n, head_dim): rows [t0, t1) are exactly what the
+    model computes for positions t0..t1-1 (each entry is one product and a cos/sin, so slicing the table
+    changes no bit)."""
+    p = next(model.parameters())
+    return model.model.rotary_emb(torch.empty(0, dtype=p.dtype, device=p.device), position_ids=_positions(n, p.device))
+
+
 @torch.no_grad()
 def recompute_group_streaming(model, a: int, b: int, n_tokens: int, e_rows: Callable[[int], tuple], chunk: int) -> LayerKV:
     """Receiver layers a..b over the context from the sender's E_a, as E_a's token rows arrive.
@@ -311,24 +321,34 @@ def recompute_group_streaming(model, a: int, b: int, n_tokens: int, e_rows: Call
     in); each step takes every row that is in, at least ``chunk`` more (one step when E is already
     complete). The group's
     recomputation overlaps E's own transfer instead of starting after it (the wait the
-    max(compute, load) bound does not count). The same operations as recompute_group, except that
-    matrix products run per chunk (float summation order), and no sliding-window support.
+    max(compute, load) bound does not count). What does not depend on E's values -- the rotary
+    table of every position, the first step's causal mask -- is made before the first wait. The same
+    operations as recompute_group, except that matrix products run per chunk (float summation
+    order), and no sliding-window support.
     """
     if not streams_e_rows(model):
         raise PlanError("streaming recomputation does not support sliding-window attention")
     p = next(model.parameters())
     device = p.device
+    cos, sin = rotary_table(model, n_tokens)
+    # With no padding and no past, transformers' SDPA path passes no mask whatever the length (its
+    # causal fast path): then the probe's answer holds for the first step, which may take more rows.
+    probe = torch.empty(1, min(n_tokens, max(chunk, 2)), model.config.hidden_size, dtype=p.dtype, device=device)
+    probe_masks = fresh_masks(model, probe, _positions(probe.shape[1], device))
+    first_masks = probe_masks if all(m is None for m in probe_masks.values()) else None  # None: make them then
     kv = AppendKV()
     t0 = 0
     while t0 < n_tokens:
         e, have = e_rows(min(n_tokens, t0 + chunk))  # at least one more chunk's rows: take all that are in
         t1 = min(n_tokens, have)
         hidden = e[:, t0:t1].to(device, p.dtype)
-        mask = None  # the first step has no past: the model's own causal mask (its fast path)
-        if t0 > 0:  # query t0 + i sees keys j <= t0 + i (triu: 4x cheaper to build than a masked_fill)
+        if t0 == 0:  # no past: the model's own causal mask
+            mask = first_masks
+        else:  # query t0 + i sees keys j <= t0 + i (triu: 4x cheaper to build than a masked_fill)
             mask = torch.full((1, 1, t1 - t0, t1), torch.finfo(hidden.dtype).min, dtype=hidden.dtype,
                               device=device).triu_(t0 + 1)
-        run_layers(model, hidden, torch.arange(t0, t1, device=device).view(1, -1), a, b + 1, kv, mask=mask)
+        run_layers(model, hidden, torch.arange(t0, t1, device=device).view(1, -1), a, b + 1, kv, mask=mask,
+                   pos_emb=(cos[:, t0:t1], sin[:, t0:t1]))
         t0 = t1
     return kv
 
@@ -448,7 +468,33 @@ def lower_right_exact(model, past: int, new: int) -> bool:
             and all(layer_type(cfg, i) == "full_attention" for i in range(cfg.num_hidden_layers)))
 
 
-def suffix_pass(model, ids: torch.Tensor, cache) -> torch.Tensor:
+@dataclass
+class SuffixInputs:
+    """What the final prompt pass needs before any context K/V is there (see ``prepare_suffix``)."""
+
+    past: int
+    hidden: torch.Tensor  # the suffix's embeddings
+    positions: torch.Tensor
+    pos_emb: tuple
+    mask: object  # torch's lower-right causal bias
+
+
+def prepare_suffix(model, ids: torch.Tensor, past: int) -> SuffixInputs | None:
+    """The suffix's embeddings, positions, rotary table and causal bias after ``past`` context tokens,
+    or None where ``lower_right_exact`` says transformers' own forward must run the pass. None of it
+    depends on the context's K/V, so a receiver can make it while it still waits for them."""
+    new = ids.shape[1]
+    if not lower_right_exact(model, past, new):
+        return None
+    from torch.nn.attention.bias import causal_lower_right
+
+    positions = torch.arange(past, past + new, device=ids.device).unsqueeze(0)
+    hidden = model.model.embed_tokens(ids)
+    return SuffixInputs(past, hidden, positions, model.model.rotary_emb(hidden, position_ids=positions),
+                        causal_lower_right(new, past + new))
+
+
+def suffix_pass(model, ids: torch.Tensor, cache, prepared: SuffixInputs | None = None) -> torch.Tensor:
     """Final-norm hidden states of ``ids`` run through every layer after the context held in ``cache``.
 
     Transformers builds an explicit boolean mask for a query block that follows cached tokens; the
@@ -456,15 +502,17 @@ def suffix_pass(model, ids: torch.Tensor, cache) -> torch.Tensor:
     CUDA SDPA may then pick its flash kernel; elsewhere it materializes the identical mask, so on
     CPU the result is bitwise transformers', tested). It is also what the engine's CUDA-graphed
     final pass captures. Where ``lower_right_exact`` says no: transformers' own forward.
+    ``prepared``: ``prepare_suffix`` of these ids after this cache's length, made earlier.
     """
-    past, new = cache.get_seq_length(), ids.shape[1]
-    if not lower_right_exact(model, past, new):
+    past = cache.get_seq_length()
+    if prepared is None:
+        prepared = prepare_suffix(model, ids, past)
+    elif prepared.past != past:
+        raise ValueError(f"suffix inputs were prepared after {prepared.past} context tokens, the cache holds {past}")
+    if prepared is None:
         return model.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
-    from torch.nn.attention.bias import causal_lower_right
-
-    positions = torch.arange(past, past + new, device=ids.device).unsqueeze(0)
-    hidden = run_layers(model, model.model.embed_tokens(ids), positions, 0, model.config.num_hidden_layers, cache,
-                        mask=causal_lower_right(new, past + new))
+    hidden = run_layers(model, prepared.hidden, prepared.positions, 0, model.config.num_hidden_layers, cache,
+                        mask=prepared.mask, pos_emb=prepared.pos_emb)
     return model.model.norm(hidden)
 
 
@@ -478,20 +526,21 @@ class Decoded:
 
 @torch.no_grad()
 def decode(model, layers: list[tuple], suffix_ids, max_new_tokens: int,
-           eos_token_id: int | None = None, cache=None, stop=None) -> Decoded:
+           eos_token_id: int | None = None, cache=None, stop=None, prepared: SuffixInputs | None = None) -> Decoded:
     """Run the suffix through every layer against the context's K/V, then greedy decoding.
 
     ``suffix_ids``: token ids, or a (1, n) tensor already on the device. Staging it early matters on
     CUDA: building it here from a Python list is a blocking copy that waits for all queued GPU work,
     which would stop the host from issuing the suffix pass while a recompute group still runs.
-    ``stop(generated_ids)``: end decoding early once it returns True (see metrics.stop_rule)."""
+    ``stop(generated_ids)``: end decoding early once it returns True (see metrics.stop_rule).
+    ``prepared``: the suffix's ``prepare_suffix``, made earlier (the engine makes it while it waits)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     if cache is None:
         cache = DynamicCache(ddp_cache_data=[(k.to(device), v.to(device)) for k, v in layers], config=model.config)
     ids = suffix_ids if torch.is_tensor(suffix_ids) else torch.tensor([suffix_ids], device=device)
-    return greedy_after(model, cache, suffix_pass(model, ids, cache)[0], max_new_tokens, eos_token_id, stop)
+    return greedy_after(model, cache, suffix_pass(model, ids, cache, prepared)[0], max_new_tokens, eos_token_id, stop)
 
 
 @torch.no_grad()

@@ -267,3 +267,40 @@ def test_suffix_pass_is_bitwise_transformers_forward(arch, n_new):
     assert torch.equal(got, want)
     assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
                for a, b in zip(caches[0].layers, caches[1].layers))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_suffix_inputs_prepared_before_the_context_arrives_change_nothing(arch):
+    """The engine makes the suffix's embeddings, rotary table and causal bias while it still waits for
+    the context's K/V; the pass then computes bitwise what it computes unprepared."""
+    from transformers import DynamicCache
+
+    from ds_study.executor import lower_right_exact, prepare_suffix
+
+    model = tiny_model(arch)
+    prefix, suffix = prompt(n_suffix=5)
+    caches = [DynamicCache(config=model.config) for _ in range(3)]
+    with torch.no_grad():
+        for c in caches:
+            model.model(input_ids=torch.tensor([prefix]), cache=c, use_cache=True)
+        ids = torch.tensor([suffix])
+        prepared = prepare_suffix(model, ids, len(prefix))
+        if prepared is None:  # sliding-window layers: transformers' own forward runs the pass
+            assert not lower_right_exact(model, len(prefix), len(suffix))
+            return
+        assert torch.equal(suffix_pass(model, ids, caches[0], prepared), suffix_pass(model, ids, caches[1]))
+        with pytest.raises(ValueError, match="prepared after 3 context tokens"):
+            suffix_pass(model, ids, caches[2], prepare_suffix(model, ids, 3))
+
+
+def test_rotary_table_rows_are_the_positions_own_rotary():
+    """Streaming recomputation slices one table of every position; each slice must be bitwise what the
+    model computes for those positions alone."""
+    from ds_study.executor import rotary_table
+
+    model = tiny_model("llama")
+    cos, sin = rotary_table(model, 300)
+    hidden = torch.zeros(1, 1, model.config.hidden_size)
+    for t0, t1 in ((0, 64), (64, 171), (171, 300)):
+        c, s = model.model.rotary_emb(hidden, position_ids=torch.arange(t0, t1).view(1, -1))
+        assert torch.equal(cos[:, t0:t1], c) and torch.equal(sin[:, t0:t1], s)
