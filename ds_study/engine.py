@@ -26,6 +26,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -39,8 +40,9 @@ import torch
 from transformers import DynamicCache
 
 from ds_study.caches import KINDS, CacheChecksumError, ContextCache, tensors_sha256
+from ds_study.link import Link, primed_sha256, sleep_until
 from ds_study.executor import (Plan, PlanError, check_supported, decode, greedy_after, groups_plan, lower_right_exact,
-                               parse_plan, recompute_group, recompute_group_streaming, run_layer,
+                               parse_plan, prepare_suffix, recompute_group, recompute_group_streaming, run_layer,
                                streams_e_rows)
 
 STRATEGIES: dict[str, str] = {
@@ -234,115 +236,12 @@ class KVStore:
 
 
 # --------------------------------------------------------------------------------------------
-# Link
-
-
-def _sleep_until(t: float) -> None:
-    while (d := t - time.perf_counter()) > 0:
-        time.sleep(d)
-
-
-@dataclass
-class Link:
-    """A serial link of ``gbps`` Gbit/s (None: as fast as memory copies) and a per-transfer latency.
-
-    Transfers move in chunks, and chunk j is handed over only once the link could have delivered
-    it (start + latency + bytes through j / rate), against absolute deadlines. A transfer starts
-    when its data is ready or when the previous transfer ends on the wire, whichever is later
-    (``schedule``): a thread that wakes up late delays when it *notices* bytes, never when the
-    wire carries them, so scheduling lag does not pile up across items. The same schedule paces
-    local copies, CUDA copies (chunk issue is throttled) and distributed sends.
-    """
-
-    gbps: float | None = None
-    latency_s: float = 0.0
-    chunk_bytes: int = 1 << 18
-
-    def __post_init__(self):
-        if self.gbps is not None and not self.gbps > 0:
-            raise ValueError(f"link bandwidth must be positive (Gbit/s) or None, got {self.gbps}")
-        if self.latency_s < 0 or self.chunk_bytes <= 0:
-            raise ValueError("link latency must be >= 0 and chunk_bytes > 0")
-        self._lock = threading.Lock()
-        self.busy_until = 0.0  # perf_counter time at which the last scheduled transfer leaves the wire
-
-    @property
-    def bytes_per_s(self) -> float | None:
-        return None if self.gbps is None else self.gbps * 1e9 / 8
-
-    def seconds(self, nbytes: int) -> float:
-        """Time the link needs for one transfer of ``nbytes`` (the analytic load time)."""
-        return self.latency_s + (0.0 if self.gbps is None else nbytes / self.bytes_per_s)
-
-    def schedule(self, nbytes: int, ready: float | None = None) -> float:
-        """Book the wire for one transfer whose data is ready at ``ready`` (default now); its start."""
-        ready = time.perf_counter() if ready is None else ready
-        start = max(ready, self.busy_until)
-        self.busy_until = start + self.seconds(nbytes)
-        return start
-
-    def chunks(self, nbytes: int, start: float | None = None):
-        """Yield (lo, hi) byte ranges of one transfer, each when the link has delivered it."""
-        start = self.schedule(nbytes) if start is None else start
-        for lo in range(0, nbytes, self.chunk_bytes):
-            hi = min(nbytes, lo + self.chunk_bytes)
-            if self.gbps is not None or self.latency_s:
-                _sleep_until(start + self.seconds(hi))
-            yield lo, hi
-
-    def copy(self, srcs: list[torch.Tensor], dsts: list[torch.Tensor], stream=None,
-             cancelled: Callable[[], bool] | None = None,
-             on_segment: Callable[[int, torch.Tensor], None] | None = None,
-             ready: float | None = None) -> float | None:
-        """Copy each source into its destination as one paced transfer; returns the time it started
-        on the wire, or None if cancelled midway.
-
-        ``ready``: when the data was ready to go (default now). ``on_segment(j, bytes)`` sees every
-        copied byte range of source j, in order (used to checksum an entry while it is on the link
-        instead of before or after)."""
-        with self._lock:
-            flat = [(_bytes(s), _bytes(d)) for s, d in zip(srcs, dsts)]
-            bounds = [0]
-            for s, _ in flat:
-                bounds.append(bounds[-1] + s.numel())
-            ctx = torch.cuda.stream(stream) if stream is not None else _nullctx()
-            start = self.schedule(bounds[-1], ready)
-            booked_until = self.busy_until
-            with ctx:
-                for lo, hi in self.chunks(bounds[-1], start):
-                    if cancelled is not None and cancelled():
-                        if self.busy_until == booked_until:  # the rest never goes on the wire: free it from now
-                            self.busy_until = max(start, time.perf_counter())
-                        return None
-                    for j, (s, d) in enumerate(flat):  # a chunk may span tensor boundaries
-                        a, b = max(lo, bounds[j]) - bounds[j], min(hi, bounds[j + 1]) - bounds[j]
-                        if a < b:
-                            d[a:b].copy_(s[a:b], non_blocking=stream is not None)
-                            if on_segment is not None:
-                                on_segment(j, s[a:b])
-            return start
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    if not t.is_contiguous():
-        raise ValueError("link transfers need contiguous tensors")
-    return t.reshape(-1).view(torch.uint8)
+# Checksums on the wire
 
 
 def entry_hasher(t: torch.Tensor):
     """A sha256 primed like ``tensors_sha256({"t": t})``: feed it t's bytes in order to get the same digest."""
-    h = hashlib.sha256()
-    for part in (b"t", str(t.dtype).encode(), str(tuple(t.shape)).encode()):
-        h.update(part)
-    return h
+    return primed_sha256(str(t.dtype), tuple(t.shape))
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,6 +359,7 @@ class RequestResult:
     rejected: list[str] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
     first_logits: torch.Tensor | None = None
+    loader: str = ""  # what moved the items: "process" (link worker), "thread", or "" (none / given)
 
     def to_json(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("spans", "first_logits")}
@@ -532,10 +432,12 @@ def simulate(jobs: list[SimJob], strategy: str, load_cost: float = 1.0, compute_
 class Arrivals:
     """What has reached the receiver for one request: per-item tensors and arrival events.
 
-    A loader (a thread reading the store over a Link, or a torch.distributed receiver) calls
-    ``deliver``/``reject``/``fail``; the compute side calls ``wait``, which blocks until the item is
-    there, raising TransferFailed on failure or timeout and EntryRejected on a checksum mismatch.
-    On CUDA a delivery may carry an event that the consuming stream waits on.
+    A loader (a thread reading the store over a Link, the link worker process, or a
+    torch.distributed receiver) calls ``deliver``/``reject``/``fail``; the compute side calls
+    ``wait``, which blocks until the item is there, raising TransferFailed on failure or timeout and
+    EntryRejected on a checksum mismatch. On CUDA a delivery may carry an event that the consuming
+    stream waits on. Every wait blocks in ``_block``: here on a condition a loader thread notifies;
+    ``process_loader.WorkerArrivals`` instead reads the worker's reports there.
     """
 
     def __init__(self, items: list[Item], t0: float):
@@ -554,21 +456,40 @@ class Arrivals:
         self._partial: dict[Item, torch.Tensor] = {}  # destination being filled (host loaders only)
         self._progress: dict[Item, int] = {}  # bytes of it copied so far
         self._began: dict[Item, float] = {}  # when its copy began
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # re-entrant: a _block may deliver to this very object
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
-    def begin(self, item: Item, tensor: torch.Tensor) -> None:
-        """The loader starts filling ``tensor`` (an item's only tensor) front to back: see ``wait_rows``."""
+    def begin(self, item: Item, tensor: torch.Tensor, at: float | None = None) -> None:
+        """The loader starts filling ``tensor`` (an item's only tensor) front to back, on the wire from
+        perf_counter time ``at`` (default now): see ``wait_rows``."""
         with self._cond:
             self._partial[item], self._progress[item] = tensor, 0
-            self._began[item] = time.perf_counter()
+            self._began[item] = time.perf_counter() if at is None else at
 
     def advance(self, item: Item, nbytes: int) -> None:
         with self._cond:
             self._progress[item] += nbytes
             self._cond.notify_all()
+
+    def _block(self, left: float) -> None:
+        """Wait (holding ``_cond``) at most ``left`` seconds for something to change."""
+        self._cond.wait(left)
+
+    def settle(self) -> None:
+        """Take in whatever the loader has already reported, without waiting (before reading totals)."""
+
+    def _wait_for(self, ready: Callable[[], object], timeout_s: float, what: str):
+        """``ready()``'s first true value, blocking in between; TransferFailed once ``timeout_s`` is over."""
+        deadline = time.perf_counter() + timeout_s
+        with self._cond:
+            while not (got := ready()):
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    raise TransferFailed(f"timed out after {timeout_s:g} s waiting for {what}")
+                self._block(left)
+            return got
 
     def wait_rows(self, item: Item, rows: int, timeout_s: float, soon_s: float = 0.0) -> tuple[torch.Tensor, int] | None:
         """(tensor, rows in place) once at least ``rows`` token rows of the item's (1, T, H) tensor
@@ -577,24 +498,22 @@ class Arrivals:
         rest is due within ``soon_s``: then one step over the whole item beats several partial ones.
         The bytes are not checksum-verified yet: the consumer must ``wait`` for the item before
         trusting what it computed from them."""
-        deadline = time.perf_counter() + timeout_s
-        with self._cond:
-            while True:
-                if self._events[item].is_set():
-                    return None
-                if item in self._partial:
-                    t, done = self._partial[item], self._progress[item]
-                    if soon_s and done:
-                        rate = done / max(1e-9, time.perf_counter() - self._began[item])
-                        if (t.numel() * t.element_size() - done) / rate < soon_s:
-                            return None
-                    have = done // (t.numel() // t.shape[-2] * t.element_size())
-                    if have >= rows:
-                        return t, have
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    raise TransferFailed(f"timed out after {timeout_s:g} s waiting for {item.name}")
-                self._cond.wait(left)
+        def ready():
+            if self._events[item].is_set():
+                return ("whole",)
+            if item in self._partial:
+                t, done = self._partial[item], self._progress[item]
+                if soon_s and done:
+                    rate = done / max(1e-9, time.perf_counter() - self._began[item])
+                    if (t.numel() * t.element_size() - done) / rate < soon_s:
+                        return ("whole",)
+                have = done // (t.numel() // t.shape[-2] * t.element_size())
+                if rows <= have < t.shape[-2]:  # all rows in: wait for the item itself (its checksum)
+                    return (t, have)
+            return None
+
+        got = self._wait_for(ready, timeout_s, item.name)
+        return None if len(got) == 1 else got
 
     def _set(self, item: Item) -> None:
         with self._cond:
@@ -623,8 +542,7 @@ class Arrivals:
     def wait(self, item: Item, timeout_s: float) -> tuple:
         if item not in self._events:
             raise TransferFailed(f"{item.name} was never scheduled for this request")
-        if not self._events[item].wait(timeout_s):
-            raise TransferFailed(f"timed out after {timeout_s:g} s waiting for {item.name}")
+        self._wait_for(self._events[item].is_set, timeout_s, item.name)
         if item in self.rejected:
             raise EntryRejected(item, self.rejected[item])
         if item not in self.tensors:
@@ -636,8 +554,7 @@ class Arrivals:
     def wait_all(self, timeout_s: float) -> None:
         """Block until every item is delivered, rejected or failed (each wait bounded by the timeout)."""
         for it in self.items:
-            if not self._events[it].wait(timeout_s):
-                raise TransferFailed(f"timed out after {timeout_s:g} s waiting for {it.name}")
+            self._wait_for(self._events[it].is_set, timeout_s, it.name)
         if self.failure is not None and len(self.tensors) + len(self.rejected) < len(self.items):
             raise TransferFailed(self.failure)
 
@@ -879,6 +796,19 @@ def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: Laye
     streams = _overlap_streams(p.device) if g is not None and p.is_cuda and overlap else None
     own: dict[int, tuple] = {}
     ready: dict[int, object] = {}  # layer -> CUDA event: its group's recomputation is done
+
+    def fetch(i: int) -> tuple:
+        if i not in own:
+            return fetch_kv(i)
+        if i in ready:  # made on the recompute stream, read on this one
+            torch.cuda.current_stream(p.device).wait_event(ready[i])
+            for t in own[i]:
+                t.record_stream(torch.cuda.current_stream(p.device))
+        return own[i]
+
+    if g is None:  # the eager final pass: what needs no arrival is made first, while E may still be on its way
+        cache = ArrivalCache(model.config, n_ctx, fetch, p.dtype, p.device)
+        prepared = prepare_suffix(model, suffix, n_ctx)
     for a, b in plan.groups:
         if (a, b) not in recomputed:
             clock.phase = "recompute"
@@ -901,15 +831,6 @@ def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: Laye
         kv = recomputed[(a, b)]
         own.update({i: (kv.k[i], kv.v[i]) for i in range(a, b + 1)})
 
-    def fetch(i: int) -> tuple:
-        if i not in own:
-            return fetch_kv(i)
-        if i in ready:  # made on the recompute stream, read on this one
-            torch.cuda.current_stream(p.device).wait_event(ready[i])
-            for t in own[i]:
-                t.record_stream(torch.cuda.current_stream(p.device))
-        return own[i]
-
     if g is not None:
         clock.phase = "final"
         if streams:
@@ -928,9 +849,8 @@ def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: Laye
         cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in g.cache.layers],
                              config=model.config)
         return greedy_after(model, cache, hidden, req.max_new_tokens, req.eos_token_id, logits=logits)
-    cache = ArrivalCache(model.config, n_ctx, fetch, p.dtype, p.device)
     clock.phase = "final"
-    out = decode(model, [], suffix, req.max_new_tokens, req.eos_token_id, cache=cache)
+    out = decode(model, [], suffix, req.max_new_tokens, req.eos_token_id, cache=cache, prepared=prepared)
     clock.phase = None
     return out
 
@@ -1020,6 +940,7 @@ def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout
     arrivals.prefilled.set()
     result.ttft = (clock.first_token_at if clock.first_token_at is not None else arrivals.now()) - req.arrival
     result.token_ids, result.first_logits = out.token_ids, out.first_logits
+    arrivals.settle()  # what a worker process reported while nobody waited
     result.bytes_loaded = arrivals.bytes
     result.spans = sorted(arrivals.spans + spans, key=lambda s: (s.start, s.end))
     return result
@@ -1046,7 +967,7 @@ class StoreLoader(threading.Thread):
         prev: Arrivals | None = None
         for req, strategy, arr in self.jobs:
             released = arr.t0 + req.arrival  # the request exists from here on; its items are in the store
-            _sleep_until(released)
+            sleep_until(released)
             if strategy not in STREAMING and prev is not None:
                 prev.prefilled.wait()
                 released = max(released, prev.prefilled_at)
@@ -1122,8 +1043,11 @@ def _and_advance(feed, arr: Arrivals, item: Item):
     return on_segment
 
 
+LOADERS = ("auto", "process", "thread")
+
+
 class Engine:
-    """Serve requests in arrival order with one compute unit (this thread) and one link (a loader thread).
+    """Serve requests in arrival order with one compute unit (this thread) and one link (a loader).
 
     On CUDA (``device="cuda"``) the loader issues its copies on a side stream from the store's
     (pinned) host memory and each arrival carries a CUDA event the compute stream waits on.
@@ -1137,12 +1061,21 @@ class Engine:
     group once the first this-many token rows of its E have arrived, and go on chunk by chunk as E
     streams in (host-memory loaders report progress per link chunk; 0: wait for the whole E, as the
     paper's schedule).
+
+    ``loader``: what moves the items. ``"process"``: the link worker process
+    (``ds_study.process_loader``), which never takes this process's interpreter lock from the compute
+    thread; ``"thread"``: a loader thread of this process (``StoreLoader``; needed for CUDA copies and
+    for stores with entries on a GPU); ``"auto"`` (default): the worker for host-memory stores on
+    CPU, the thread otherwise.
     """
 
     def __init__(self, store: KVStore, link: Link, timeout_s: float = 30.0, device=None, verify: bool = True,
                  gil_switch_s: float | None = 2e-4, e_chunk_tokens: int = 64, suffix_graphs: bool | None = None,
-                 overlap_recompute: bool = True):
+                 overlap_recompute: bool = True, loader: str = "auto"):
+        if loader not in LOADERS:
+            raise EngineError(f"unknown loader {loader!r}; use one of {', '.join(LOADERS)}")
         self.store, self.link, self.timeout_s, self.verify = store, link, timeout_s, verify
+        self.loader = loader
         self.device = torch.device(device) if device is not None else None
         self.gil_switch_s, self.e_chunk_tokens = gil_switch_s, e_chunk_tokens
         # None: on CUDA only (where it pays); True on CPU runs the same static-buffer steps eagerly
@@ -1167,25 +1100,54 @@ class Engine:
             strat, plan = check_request(strategy, req.plan, n)
             checked.append((req, strat, plan, transfer_items(strat, plan, n)))
         checked.sort(key=lambda c: c[0].arrival)
+        on_cuda = self.device is not None and self.device.type == "cuda"
+        if self.loader == "process" or (self.loader == "auto" and not on_cuda):
+            from ds_study import process_loader
+
+            if self.loader == "process" and (on_cuda or not process_loader.available()):
+                raise EngineError("loader='process' moves host memory on a POSIX system; use loader='thread'")
+            if process_loader.available():
+                try:
+                    run = process_loader.WorkerRun(self.store, self.link, [(r, s, i) for r, s, _, i in checked],
+                                                   self.verify, self.timeout_s)
+                except process_loader.NeedsThreadLoader as e:
+                    if self.loader == "process":
+                        raise EngineError(f"loader='process' cannot serve this run: {e}") from None
+                    if isinstance(e, process_loader.WorkerUnavailable):
+                        warnings.warn(f"{e}; moving items with a loader thread instead", RuntimeWarning,
+                                      stacklevel=3)
+                else:
+                    return self._serve(checked, run.arrivals, run.start, run.finish, "process")
         jobs = [(req, strat, Arrivals(items, 0.0)) for req, strat, _, items in checked]
-        stream = torch.cuda.Stream(self.device) if self.device is not None and self.device.type == "cuda" else None
+        stream = torch.cuda.Stream(self.device) if on_cuda else None
         loader = StoreLoader(self.store, self.link, jobs, self.device, stream, self.verify)
         loader.start()
+
+        def start(t0: float) -> None:
+            for _, _, arr in jobs:
+                arr.t0 = t0
+            loader.go.set()
+
+        return self._serve(checked, [arr for _, _, arr in jobs], start, lambda: loader.join(timeout=self.timeout_s),
+                           "thread")
+
+    def _serve(self, checked, arrivals: list[Arrivals], start, finish, loader: str) -> list[RequestResult]:
+        """Start the loader's clock, serve every request in arrival order on this thread, then stop it."""
         t0 = time.perf_counter()
-        for _, _, arr in jobs:
-            arr.t0 = t0
-        loader.go.set()
+        start(t0)
         results = []
         try:
-            for (req, strat, plan, _), (_, _, arr) in zip(checked, jobs):
-                _sleep_until(t0 + req.arrival)
-                results.append(execute(req, strat, plan, arr, self.timeout_s, self.e_chunk_tokens,
-                                       self.suffix_graphs, self.overlap_recompute))
+            for (req, strat, plan, _), arr in zip(checked, arrivals):
+                sleep_until(t0 + req.arrival)
+                res = execute(req, strat, plan, arr, self.timeout_s, self.e_chunk_tokens, self.suffix_graphs,
+                              self.overlap_recompute)
+                res.loader = loader if arr.items else ""
+                results.append(res)
         finally:  # also when a request raised: release a loader waiting for a prefill that will not come
-            for _, _, arr in jobs:
+            for arr in arrivals:
                 arr.cancelled.set()
                 arr.prefilled.set()
-            loader.join(timeout=self.timeout_s)
+            finish()
         return results
 
 
