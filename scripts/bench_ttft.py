@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -77,6 +77,8 @@ class Setup:
     store: KVStore
     eos: int | None
     identities: dict
+    loader: str = "auto"  # Engine(loader=...): what moves the items
+    loaders_used: set = field(default_factory=set)  # what did, as the results report it
 
 
 def zoo_available() -> bool:
@@ -126,7 +128,14 @@ def load_setup(args) -> Setup:
                   [], None, None, store, None, ids)
     for p in s.prompts:
         publish(store, capture(s.sender, p.prefix_ids), s.sid, s.rid)
+    s.loader = args.loader
     return s
+
+
+def link_record(args, S: Setup) -> dict:
+    """The link's settings and what moved the items over it, for the result files."""
+    return {"gbps": args.gbps, "latency_ms": args.latency_ms, "chunk_bytes": args.chunk_bytes,
+            "loader": args.loader, "loaders_used": sorted(S.loaders_used - {"none"})}
 
 
 def request(S: Setup, i: int, plan, max_new: int = 1, name: str | None = None) -> Request:
@@ -135,7 +144,8 @@ def request(S: Setup, i: int, plan, max_new: int = 1, name: str | None = None) -
 
 
 def run(S: Setup, i: int, plan, strategy: str, link: Link, max_new: int = 1):
-    (res,) = Engine(S.store, link, timeout_s=120).run([request(S, i, plan, max_new)], strategy)
+    (res,) = Engine(S.store, link, timeout_s=120, loader=S.loader).run([request(S, i, plan, max_new)], strategy)
+    S.loaders_used.add(res.loader or "none")
     if res.fallback:
         raise RuntimeError(f"unexpected fallback in a benchmark run: {res.reason}")
     return res
@@ -286,7 +296,7 @@ def cmd_quality(args) -> None:
         "identities": S.identities, "task": S.task.name, "metric": S.task.metric,
         "metric_versions": metric_versions([S.task.metric]), "n_examples": len(S.prompts),
         "n_prefix_tokens": [p.n_prefix for p in S.prompts], "reps": args.reps,
-        "link": {"gbps": args.gbps, "latency_ms": args.latency_ms, "chunk_bytes": args.chunk_bytes},
+        "link": link_record(args, S),
         "bound": "max(compute_ms, load_ms); compute = same request with all items pre-delivered, "
                  "load = link time of the bytes the strategy sends; e_first_bound = max(load of E + compute, load)",
         "environment": env,
@@ -355,7 +365,7 @@ def cmd_bandwidth(args) -> None:
     write_json(RESULTS / f"{name}.json", {
         "what": "TTFT vs link bandwidth (paper Fig. 20) on CPU", "pair": S.label, "identities": S.identities,
         "plan": args.plan, "n_examples": len(S.prompts), "n_prefix_tokens": [p.n_prefix for p in S.prompts],
-        "reps": args.reps, "link": {"latency_ms": args.latency_ms, "chunk_bytes": args.chunk_bytes},
+        "reps": args.reps, "link": {k: v for k, v in link_record(args, S).items() if k != "gbps"},
         "full_prefill_ms": full, "crossover_gbps": crossover,
         "crossover": "bandwidth at which loading what (b)/(c) send takes as long as the median full prefill",
         "sweep_spans_crossover": min(bws) < crossover < max(bws), "environment": env,
@@ -411,7 +421,8 @@ def cmd_timeline(args) -> None:
         for _ in range(args.reps + 1):
             reqs = [Request("A", S.receiver, S.rid, S.sid, a_plan, p.prefix_ids, p.suffix_ids, 1, S.eos, 0.0),
                     Request("B", model_b, rid_b, S.sid, b_plan, p.prefix_ids, p.suffix_ids, 1, S.eos, 2 * unit)]
-            reps.append(Engine(S.store, link, timeout_s=120).run(reqs, strategy))
+            reps.append(Engine(S.store, link, timeout_s=120, loader=S.loader).run(reqs, strategy))
+            S.loaders_used.update(r.loader or "none" for r in reps[-1])
         reps = reps[1:]  # the first is a warm-up
         mid = sorted(reps, key=sum_ttft)[len(reps) // 2]
         measured[strategy] = {"sum_ttft_ms": 1e3 * sum_ttft(mid), "sum_ttft_ms_reps": [1e3 * sum_ttft(r) for r in reps],
@@ -420,6 +431,7 @@ def cmd_timeline(args) -> None:
               f"sum {1e3 * sum_ttft(mid):.1f}")
     out["measured"] = {"pair": S.label, "receiver_b": args.receiver_b, "plans": {"A": a_plan, "B": b_plan},
                        "unit_ms": 1e3 * unit, "link_gbps": gbps, "b_arrival_ms": 2e3 * unit,
+                       "link": dict(link_record(args, S), gbps=gbps, latency_ms=0.0),
                        "n_prefix": p.n_prefix, "reps": args.reps, "strategies": measured,
                        "note": "unit = median full prefill / layers; link paced so one layer's KV takes one unit "
                                "(E is 2 units on this GQA 4:1 model); the median-sum repetition is kept"}
@@ -439,7 +451,7 @@ def cmd_spans(args) -> None:
     alone = sorted([all_delivered(S, 0, args.plan) for _ in range(args.reps + 1)][1:], key=lambda r: r.ttft)
     load_s, nbytes, e_s = load_seconds(S, 0, args.plan, "pipelined", link)
     out = {"what": "span timeline of one request, median of the repetitions", "pair": S.label, "plan": args.plan,
-           "link": {"gbps": args.gbps, "latency_ms": args.latency_ms, "chunk_bytes": args.chunk_bytes},
+           "link": link_record(args, S),
            "load_ms": 1e3 * load_s, "e_load_ms": 1e3 * e_s, "bytes_sent": nbytes, "reps": args.reps,
            "pipelined": piped[len(piped) // 2].to_json(), "pipelined_ttft_ms_reps": [1e3 * r.ttft for r in piped],
            "all_delivered": alone[len(alone) // 2].to_json(), "all_delivered_ttft_ms_reps": [1e3 * r.ttft for r in alone],
@@ -637,6 +649,8 @@ def main() -> None:
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--chunk-bytes", type=int, default=1 << 16)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--loader", default="auto", choices=("auto", "process", "thread"),
+                   help="what moves the items: the link worker process (auto on CPU) or a loader thread")
     p.add_argument("--random", action="store_true", help="random-weight models of the zoo's shape (timing only)")
     p.add_argument("--random-tokens", type=int, default=768)
     p.add_argument("--out", default=None, help="result file stem (default per command)")
