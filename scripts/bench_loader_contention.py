@@ -1,0 +1,137 @@
+"""How much the engine's loader slows the computation beside it: why the CPU loader is a process.
+
+    python scripts/bench_loader_contention.py                # about 1 min on 2 cores
+
+Recomputes one group (layers 2-3 of the embedded receiver over one pycode context, from the
+sender's E, every input in memory) while the engine's own loader moves items over a paced link:
+the store loader thread (``Engine(loader="thread")``) or the link worker process (the default on
+CPU), each moving a queue of pipelined requests' items (E, then the reused layers' KV, checksummed
+in flight) in 64 KiB chunks, at 0.2 Gbit/s (a chunk every 2.6 ms, the CPU benchmarks' link) and at
+0.8 Gbit/s (every 0.65 ms). Settings are interleaved round by round, and the queue is long enough
+to keep the link busy for every recomputation of a round (checked: ``link_busy_throughout``). Prints
+each setting's median recompute time and its ratio to the same recomputation with no loader.
+Results: results/engine/loader_contention.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--receiver", default="zoo:code")
+    p.add_argument("--sender", default="zoo:qa")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--reps", type=int, default=6, help="recomputations per setting and round")
+    p.add_argument("--out", default=str(ROOT / "results" / "engine" / "loader_contention.json"))
+    args = p.parse_args()
+    if args.rounds < 1 or args.reps < 1:
+        p.error("--rounds and --reps must be >= 1")
+    import torch
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_ttft import environment
+
+    from ds_study.data import TASKS, build_prompt, load_records
+    from ds_study.engine import (Arrivals, KVStore, Link, Request, StoreLoader, check_request, model_identity,
+                                 publish, transfer_items)
+    from ds_study.executor import capture, recompute_group
+    from ds_study.pair import load_pair
+    from ds_study.process_loader import WorkerRun
+
+    torch.set_num_threads(1)
+    pair = load_pair(args.receiver, args.sender)
+    record = load_records("pycode", "test", limit=1)[0]
+    prompt = build_prompt(record, TASKS["pycode"], pair.tokenizer, pair.receiver.config.max_position_embeddings)
+    ids = prompt.prefix_ids
+    sc = capture(pair.sender, ids)
+    sender = SimpleNamespace(embeds={2: sc.embeds[2]})
+    rid, sid = model_identity(pair.receiver_id), model_identity(pair.sender_id)
+    store = KVStore()
+    publish(store, sc, sid, rid)
+    n = pair.receiver.config.num_hidden_layers
+    strategy, plan = check_request("pipelined", "2-3", n)
+    items = transfer_items(strategy, plan, n)
+    per_request = sum(t.numel() * t.element_size() for it in items for t in
+                      [store.get(k) for k in _keys(store, sid, rid, ids, it)])
+    env = environment()
+    sys.setswitchinterval(2e-4)  # as Engine.run sets it
+
+    def recompute() -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            recompute_group(pair.receiver, 2, 3, ids, sender)
+        return time.perf_counter() - t
+
+    def measure(loader: str | None, gbps: float) -> tuple[list[float], bool]:
+        """``args.reps`` recomputations while ``loader`` moves a queue of requests' items."""
+        if loader is None:
+            return [recompute() for _ in range(args.reps)], True
+        link = Link(gbps, 0.0, 1 << 16)
+        n_req = int(2.0 * args.reps * 0.040 / link.seconds(per_request)) + 2  # > reps x ~40 ms of link time
+        reqs = [Request(f"q{i}", pair.receiver, rid, sid, plan, ids, prompt.suffix_ids) for i in range(n_req)]
+        if loader == "thread":
+            arrs = [Arrivals(items, 0.0) for _ in reqs]
+            th = StoreLoader(store, link, [(r, strategy, a) for r, a in zip(reqs, arrs)])
+            th.start()
+            t0 = time.perf_counter()
+            for a in arrs:
+                a.t0 = t0
+            th.go.set()
+        else:
+            run = WorkerRun(store, link, [(r, strategy, items) for r in reqs], True, 30.0)
+            arrs = run.arrivals
+            t0 = time.perf_counter()
+            run.start(t0)
+        got = [recompute() for _ in range(args.reps)]
+        busy = time.perf_counter() < t0 + n_req * link.seconds(per_request)
+        for a in arrs:
+            a.cancelled.set()
+            a.prefilled.set()
+        th.join() if loader == "thread" else run.finish()
+        return got, busy
+
+    settings = [(None, 0.2), ("thread", 0.2), ("process", 0.2), ("thread", 0.8), ("process", 0.8)]
+    times: dict[str, list[float]] = {}
+    busy_all: dict[str, bool] = {}
+    for _ in range(3):
+        recompute()  # warm-up
+    for _ in range(args.rounds):
+        for loader, gbps in settings:
+            key = "none" if loader is None else f"{loader} loader, {gbps:g} Gbit/s"
+            got, busy = measure(loader, gbps)
+            times.setdefault(key, []).extend(got)
+            busy_all[key] = busy_all.get(key, True) and busy
+    base = statistics.median(times["none"])
+    rows = [{"setting": k, "median_ms": 1e3 * statistics.median(v), "ratio_to_none": statistics.median(v) / base,
+             "link_busy_throughout": busy_all[k], "n": len(v), "ms": [1e3 * x for x in v]} for k, v in times.items()]
+    env["loadavg_end"] = os.getloadavg()
+    out = {"what": "recompute time of layers 2-3 while the engine's loader moves pipelined requests' items",
+           "pair": f"{args.receiver} <- {args.sender}", "n_prefix": len(ids), "chunk_bytes": 1 << 16,
+           "bytes_per_request": per_request, "environment": env, "results": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    for r in rows:
+        print(f"{r['setting']:>30}: {r['median_ms']:6.2f} ms  x{r['ratio_to_none']:.3f}"
+              f"{'' if r['link_busy_throughout'] else '  (link went idle during a round)'}")
+    print(f"wrote {os.path.relpath(args.out, ROOT) if args.out.startswith(str(ROOT)) else args.out}")
+
+
+def _keys(store, sid: str, rid: str, ids: list[int], item) -> list:
+    from ds_study.engine import context_hash, entry_key
+
+    return [entry_key(sid, rid, context_hash(ids), item.layer, k) for k in item.entry_kinds()]
+
+
+if __name__ == "__main__":
+    main()
