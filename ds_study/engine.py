@@ -1054,7 +1054,8 @@ class Engine:
     ``verify=False`` skips the in-flight checksum, which on a GPU link would run at hashing speed
     rather than copy speed. ``gil_switch_s``: Python's thread switch interval during a run. The
     compute thread holds the GIL while it issues kernels, so with the default 5 ms a loader thread
-    whose chunk is due waits up to 5 ms to issue it; a short interval keeps the link on schedule.
+    whose chunk is due waits up to 5 ms to issue it; a short interval keeps the link on schedule (it
+    matters only to the loader thread: the link worker process has an interpreter of its own).
     ``suffix_graphs``: run the final prompt pass as per-layer CUDA graphs (``SuffixGraphs``; default:
     on CUDA); with them on CUDA, ``overlap_recompute`` recomputes groups on a side stream while the
     final pass runs the layers before them. ``e_chunk_tokens``: streaming strategies start a recompute

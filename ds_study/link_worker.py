@@ -109,19 +109,24 @@ class Worker:
             frames = self.cmds.wait(None)
             if self.cmds.eof:
                 return
-            for msg in frames:
+            while frames:
+                msg = frames.pop(0)
                 if msg[0] == "arena":
                     _, path, size = msg
                     with open(path, "r+b") as f:
                         self.arena = memoryview(mmap.mmap(f.fileno(), size))
                     self.report("arena-ok")
                 elif msg[0] == "run":
-                    self.run(msg[1])
+                    # what came in the same read belongs to this run (the parent sends the next
+                    # "run" only after this one's "done"): a "prefilled" left here would stall it
+                    self.run(msg[1], early=frames)
+                    frames = []
                 else:
                     self.take([msg])
 
-    def run(self, spec: dict) -> None:
+    def run(self, spec: dict, early: list = ()) -> None:
         self.cancelled, self.prefilled = set(), {}
+        self.take(early)
         self.link = Link(spec["gbps"], spec["latency_s"], spec["chunk_bytes"])
         self.link.busy_until = spec["busy_until"]
         prev = None

@@ -69,6 +69,7 @@ class LinkWorker:
         self.proc = subprocess.Popen([sys.executable, "-m", "ds_study.link_worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, bufsize=0)
         self.cmd_fd, self.reports = self.proc.stdin.fileno(), FrameReader(self.proc.stdout.fileno())
+        _widen_pipe(self.proc.stdout.fileno())
         self.arena: torch.Tensor | None = None  # uint8 view of the shared mapping
         self.size = 0
 
@@ -110,6 +111,19 @@ class LinkWorker:
             except Exception:  # noqa: BLE001 - a worker that does not quit is killed
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _widen_pipe(fd: int) -> None:
+    """Room for many reports while the compute side does not read (it reads only when it waits): a
+    full pipe would block the worker's next report and with it the link's pacing. Linux only (its
+    default pipe holds 64 KiB, about a thousand reports); elsewhere the default stays."""
+    import fcntl
+
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+        except OSError:  # above /proc/sys/fs/pipe-max-size for an unprivileged process: keep the default
+            pass
 
 
 def _package_root() -> str:

@@ -625,3 +625,42 @@ def test_failure_reasons_survive_exceptions_without_a_message():
 
     assert error_line(ConnectionResetError()) == "ConnectionResetError"
     assert error_line(ValueError("first\nsecond")) == "ValueError: first"
+
+
+def test_a_link_worker_sees_what_arrived_with_its_run_command():
+    """The "prefilled" of a non-streaming run's first request, read in the same pipe read as the "run"
+    itself, releases the second request's transfer (it once sat unread until the run's timeout)."""
+    import os
+    import time
+
+    from ds_study import process_loader
+    from ds_study.link_worker import FRAME
+
+    def frame(*msg):
+        import pickle
+
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        return FRAME.pack(len(data)) + data
+
+    w = process_loader.acquire()
+    try:
+        w.ensure_arena(4096, timeout_s=10)
+        w.arena[:1024].copy_(torch.arange(1024) % 251)
+
+        def job(k):
+            entry = {"src": 512 * k, "dst": 2048 + 512 * k, "nbytes": 512, "sha256": "", "dtype": "torch.uint8",
+                     "shape": (512,)}
+            return {"arrival": 0.0, "streaming": False,
+                    "items": [{"name": f"kv{k}", "error": None, "stream_rows": False, "entries": [entry]}]}
+
+        t0 = time.perf_counter()
+        spec = {"gbps": 100.0, "latency_s": 0.0, "chunk_bytes": 256, "verify": False, "jobs": [job(0), job(1)],
+                "t0": t0, "busy_until": 0.0}
+        os.write(w.cmd_fd, frame("run", spec) + frame("prefilled", 0, t0))  # one write: one read
+        got = []
+        while not any(m[0] == "done" for m in got) and time.perf_counter() - t0 < 5:
+            got += w.reports.wait(5 - (time.perf_counter() - t0))
+        assert [m[0] for m in got] == ["deliver", "deliver", "done"], got
+        assert torch.equal(w.arena[2048:3072], w.arena[:1024])
+    finally:
+        process_loader.release(w)
