@@ -498,22 +498,22 @@ class Arrivals:
         rest is due within ``soon_s``: then one step over the whole item beats several partial ones.
         The bytes are not checksum-verified yet: the consumer must ``wait`` for the item before
         trusting what it computed from them."""
-        def ready():
+        def ready():  # True: wait for the whole item instead; (tensor, rows): go on with these rows
             if self._events[item].is_set():
-                return ("whole",)
+                return True
             if item in self._partial:
                 t, done = self._partial[item], self._progress[item]
                 if soon_s and done:
                     rate = done / max(1e-9, time.perf_counter() - self._began[item])
                     if (t.numel() * t.element_size() - done) / rate < soon_s:
-                        return ("whole",)
+                        return True
                 have = done // (t.numel() // t.shape[-2] * t.element_size())
                 if rows <= have < t.shape[-2]:  # all rows in: wait for the item itself (its checksum)
-                    return (t, have)
+                    return t, have
             return None
 
         got = self._wait_for(ready, timeout_s, item.name)
-        return None if len(got) == 1 else got
+        return None if got is True else got
 
     def _set(self, item: Item) -> None:
         with self._cond:
@@ -946,6 +946,20 @@ def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout
     return result
 
 
+def item_sources(store: KVStore, req: Request, item: Item, ctx: str) -> tuple[list, list, list]:
+    """An item's store keys, its tensors as stored (unverified: the loader checksums them on the
+    link) and the checksums they must match."""
+    keys = [entry_key(req.sender, req.receiver, ctx, item.layer, k) for k in item.entry_kinds()]
+    return keys, [store.get(k, verify=False) for k in keys], [store.checksum(k) for k in keys]
+
+
+def reject_corrupt(store: KVStore, arr: Arrivals, item: Item, bad: list[EntryKey], nbytes: int) -> None:
+    """Entries whose bytes failed their checksum on the link: reread them for later requests, reject the item."""
+    for k in bad:
+        store.reread(k)
+    arr.reject(item, f"entry {item.name} is corrupt (checksum mismatch); rejected", nbytes)
+
+
 class StoreLoader(threading.Thread):
     """The link side of the engine: moves each request's items from the store, FIFO over one Link.
 
@@ -985,9 +999,7 @@ class StoreLoader(threading.Thread):
 
     def _send(self, req: Request, arr: Arrivals, item: Item, ctx: str, released: float) -> bool:
         """Move one item over the link into ``arr``; False when the request stops (failed or cancelled)."""
-        keys = [entry_key(req.sender, req.receiver, ctx, item.layer, k) for k in item.entry_kinds()]
-        srcs = [self.store.get(k, verify=False) for k in keys]
-        want = [self.store.checksum(k) for k in keys]
+        keys, srcs, want = item_sources(self.store, req, item, ctx)
         # Checksums are taken on the bytes as they go over the link (host memory); other
         # sources are verified before sending.
         on_host = all(s.device.type == "cpu" for s in srcs)
@@ -1018,9 +1030,7 @@ class StoreLoader(threading.Thread):
         if hashers is not None:
             bad = [k for k, h, w in zip(keys, hashers, want) if h.hexdigest() != w]
             if bad:
-                for k in bad:
-                    self.store.reread(k)
-                arr.reject(item, f"entry {item.name} is corrupt (checksum mismatch); rejected", nbytes)
+                reject_corrupt(self.store, arr, item, bad, nbytes)
                 return True
         ev = None
         if self.stream is not None:
@@ -1102,23 +1112,9 @@ class Engine:
             checked.append((req, strat, plan, transfer_items(strat, plan, n)))
         checked.sort(key=lambda c: c[0].arrival)
         on_cuda = self.device is not None and self.device.type == "cuda"
-        if self.loader == "process" or (self.loader == "auto" and not on_cuda):
-            from ds_study import process_loader
-
-            if self.loader == "process" and (on_cuda or not process_loader.available()):
-                raise EngineError("loader='process' moves host memory on a POSIX system; use loader='thread'")
-            if process_loader.available():
-                try:
-                    run = process_loader.WorkerRun(self.store, self.link, [(r, s, i) for r, s, _, i in checked],
-                                                   self.verify, self.timeout_s)
-                except process_loader.NeedsThreadLoader as e:
-                    if self.loader == "process":
-                        raise EngineError(f"loader='process' cannot serve this run: {e}") from None
-                    if isinstance(e, process_loader.WorkerUnavailable):
-                        warnings.warn(f"{e}; moving items with a loader thread instead", RuntimeWarning,
-                                      stacklevel=3)
-                else:
-                    return self._serve(checked, run.arrivals, run.start, run.finish, "process")
+        run = self._worker_run(checked, on_cuda)
+        if run is not None:
+            return self._serve(checked, run.arrivals, run.start, run.finish, "process")
         jobs = [(req, strat, Arrivals(items, 0.0)) for req, strat, _, items in checked]
         stream = torch.cuda.Stream(self.device) if on_cuda else None
         loader = StoreLoader(self.store, self.link, jobs, self.device, stream, self.verify)
@@ -1131,6 +1127,26 @@ class Engine:
 
         return self._serve(checked, [arr for _, _, arr in jobs], start, lambda: loader.join(timeout=self.timeout_s),
                            "thread")
+
+    def _worker_run(self, checked, on_cuda: bool):
+        """The run staged for a link worker process, or None where the loader thread moves the items."""
+        if self.loader == "thread" or (self.loader == "auto" and on_cuda):
+            return None
+        from ds_study import process_loader
+
+        if self.loader == "process" and (on_cuda or not process_loader.available()):
+            raise EngineError("loader='process' moves host memory on a POSIX system; use loader='thread'")
+        if not process_loader.available():
+            return None
+        try:
+            return process_loader.WorkerRun(self.store, self.link, [(r, s, i) for r, s, _, i in checked],
+                                            self.verify, self.timeout_s)
+        except process_loader.NeedsThreadLoader as e:
+            if self.loader == "process":
+                raise EngineError(f"loader='process' cannot serve this run: {e}") from None
+            if isinstance(e, process_loader.WorkerUnavailable):
+                warnings.warn(f"{e}; moving items with a loader thread instead", RuntimeWarning, stacklevel=4)
+            return None
 
     def _serve(self, checked, arrivals: list[Arrivals], start, finish, loader: str) -> list[RequestResult]:
         """Start the loader's clock, serve every request in arrival order on this thread, then stop it."""

@@ -28,6 +28,23 @@ def primed_sha256(dtype: str, shape: tuple):
     return h
 
 
+def offsets(sizes) -> list[int]:
+    """Where each of the concatenated pieces of one transfer starts, plus the total at the end."""
+    out = [0]
+    for n in sizes:
+        out.append(out[-1] + n)
+    return out
+
+
+def pieces(bounds: list[int], lo: int, hi: int):
+    """(j, a, b): the part [a, b) of piece j that bytes [lo, hi) of the transfer cover (``bounds`` from
+    ``offsets``); a link chunk may span piece boundaries."""
+    for j in range(len(bounds) - 1):
+        a, b = max(lo, bounds[j]) - bounds[j], min(hi, bounds[j + 1]) - bounds[j]
+        if a < b:
+            yield j, a, b
+
+
 def _bytes(t):
     if not t.is_contiguous():
         raise ValueError("link transfers need contiguous tensors")
@@ -114,17 +131,14 @@ class Link:
         copied byte range of source j, in order (used to checksum an entry while it is on the link
         instead of before or after)."""
         flat = [(_bytes(s), _bytes(d)) for s, d in zip(srcs, dsts)]
-        bounds = [0]
-        for s, _ in flat:
-            bounds.append(bounds[-1] + s.numel())
+        bounds = offsets(s.numel() for s, _ in flat)
 
         def move(lo: int, hi: int) -> None:
-            for j, (s, d) in enumerate(flat):  # a chunk may span tensor boundaries
-                a, b = max(lo, bounds[j]) - bounds[j], min(hi, bounds[j + 1]) - bounds[j]
-                if a < b:
-                    d[a:b].copy_(s[a:b], non_blocking=stream is not None)
-                    if on_segment is not None:
-                        on_segment(j, s[a:b])
+            for j, a, b in pieces(bounds, lo, hi):
+                s, d = flat[j]
+                d[a:b].copy_(s[a:b], non_blocking=stream is not None)
+                if on_segment is not None:
+                    on_segment(j, s[a:b])
 
         if stream is None:
             return self.transfer(bounds[-1], move, cancelled, ready)

@@ -32,7 +32,7 @@ import struct
 import sys
 import time
 
-from ds_study.link import Link, primed_sha256, sleep_until
+from ds_study.link import Link, offsets, pieces, primed_sha256, sleep_until
 
 FRAME = struct.Struct("<I")
 
@@ -157,18 +157,15 @@ class Worker:
         """Move one item, checksumming each entry on the way; False when the request stops midway."""
         arena, entries = self.arena, item["entries"]
         hashers = [primed_sha256(e["dtype"], e["shape"]) for e in entries] if verify else None
-        bounds = [0]
-        for e in entries:
-            bounds.append(bounds[-1] + e["nbytes"])
+        bounds = offsets(e["nbytes"] for e in entries)
 
         def move(lo: int, hi: int) -> None:
-            for k, e in enumerate(entries):  # a chunk may span entry boundaries
-                a, b = max(lo, bounds[k]) - bounds[k], min(hi, bounds[k + 1]) - bounds[k]
-                if a < b:
-                    src = arena[e["src"] + a:e["src"] + b]
-                    arena[e["dst"] + a:e["dst"] + b] = src
-                    if hashers is not None:
-                        hashers[k].update(src)
+            for k, a, b in pieces(bounds, lo, hi):
+                e = entries[k]
+                src = arena[e["src"] + a:e["src"] + b]
+                arena[e["dst"] + a:e["dst"] + b] = src
+                if hashers is not None:
+                    hashers[k].update(src)
             if item["stream_rows"]:  # written after the bytes, so whoever reads it sees them
                 self.report("progress", j, i, hi - lo)
 

@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from ds_study.engine import (STREAMING, Arrivals, Item, KVStore, Link, Request, context_hash, entry_key,
-                             error_line)
+from ds_study.engine import (STREAMING, Arrivals, Item, KVStore, Link, Request, context_hash, error_line,
+                             item_sources, reject_corrupt)
 from ds_study.link_worker import FrameReader, write_frame
 
 ALIGN = 64  # every staged region starts on a cache line (and any dtype's element boundary)
@@ -212,12 +212,10 @@ class WorkerRun:
             ctx = context_hash(req.prefix_ids)
             per_item = []
             for item in items:
-                keys = [entry_key(req.sender, req.receiver, ctx, item.layer, k) for k in item.entry_kinds()]
                 try:
-                    srcs = [self.store.get(k, verify=False) for k in keys]
-                    want = [self.store.checksum(k) for k in keys]
+                    keys, srcs, want = item_sources(self.store, req, item, ctx)
                 except Exception as e:  # noqa: BLE001 - the worker reports it when it gets there
-                    per_item.append((keys, error_line(e)))
+                    per_item.append((None, error_line(e)))
                     continue
                 if any(t.device.type != "cpu" for t in srcs):
                     raise NeedsThreadLoader(f"{item.name} of {req.name} is not in host memory")
@@ -242,10 +240,10 @@ class WorkerRun:
         for j, ((req, strategy, items), per_item) in enumerate(zip(jobs, staged)):
             spec_items = []
             for item, (keys, entries) in zip(items, per_item):
-                self.keys[(j, item)] = keys
                 if isinstance(entries, str):
                     spec_items.append({"name": item.name, "error": entries, "entries": [], "stream_rows": False})
                     continue
+                self.keys[(j, item)] = keys
                 dsts = []
                 for t, _, src, dst, n in entries:
                     arena[src:src + n].copy_(t.reshape(-1).view(torch.uint8))
@@ -313,9 +311,7 @@ class WorkerRun:
                         request=self.requests[msg[1]].name)
         elif kind == "reject":
             keys = self.keys[(msg[1], item)]
-            for k in msg[4]:
-                self.store.reread(keys[k])
-            arr.reject(item, f"entry {item.name} is corrupt (checksum mismatch); rejected", msg[3])
+            reject_corrupt(self.store, arr, item, [keys[k] for k in msg[4]], msg[3])
 
     def _died(self, reason: str) -> None:
         self.done = True

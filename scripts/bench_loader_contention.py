@@ -43,8 +43,8 @@ def main() -> None:
     from bench_ttft import environment
 
     from ds_study.data import TASKS, build_prompt, load_records
-    from ds_study.engine import (Arrivals, KVStore, Link, Request, StoreLoader, check_request, model_identity,
-                                 publish, transfer_items)
+    from ds_study.engine import (Arrivals, KVStore, Link, Request, StoreLoader, check_request, context_hash,
+                                 item_sources, model_identity, publish, transfer_items)
     from ds_study.executor import capture, recompute_group
     from ds_study.pair import load_pair
     from ds_study.process_loader import WorkerRun
@@ -62,8 +62,9 @@ def main() -> None:
     n = pair.receiver.config.num_hidden_layers
     strategy, plan = check_request("pipelined", "2-3", n)
     items = transfer_items(strategy, plan, n)
-    per_request = sum(t.numel() * t.element_size() for it in items for t in
-                      [store.get(k) for k in _keys(store, sid, rid, ids, it)])
+    probe = Request("probe", pair.receiver, rid, sid, plan, ids, prompt.suffix_ids)
+    per_request = sum(t.numel() * t.element_size() for it in items
+                      for t in item_sources(store, probe, it, context_hash(ids))[1])
     env = environment()
     sys.setswitchinterval(2e-4)  # as Engine.run sets it
 
@@ -125,12 +126,6 @@ def main() -> None:
         print(f"{r['setting']:>30}: {r['median_ms']:6.2f} ms  x{r['ratio_to_none']:.3f}"
               f"{'' if r['link_busy_throughout'] else '  (link went idle during a round)'}")
     print(f"wrote {os.path.relpath(args.out, ROOT) if args.out.startswith(str(ROOT)) else args.out}")
-
-
-def _keys(store, sid: str, rid: str, ids: list[int], item) -> list:
-    from ds_study.engine import context_hash, entry_key
-
-    return [entry_key(sid, rid, context_hash(ids), item.layer, k) for k in item.entry_kinds()]
 
 
 if __name__ == "__main__":
