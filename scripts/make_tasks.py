@@ -18,6 +18,19 @@ from ds_study import corpus
 
 ASSETS = Path(__file__).resolve().parents[1] / "ds_study" / "assets"
 
+# Why each task is what it is; recorded in its SOURCES.json with the data.
+REVISIONS = {
+    "pyqa": {"version": 2, "why": "v1 named the function in the question; a LoRA fine-tune of the real base "
+             "(SmolLM2-135M) reached 100 F1, leaving no room to see a loss from KV reuse. v2 describes the "
+             "function by its docstring summary and draws distractors from the same module first: find the "
+             "passage by its content, then copy its signature (a two-step lookup, as HotpotQA's bridge questions)."},
+    "pysum": {"version": 2, "why": "v1 left the requested function's docstring in the context, so the "
+              "reference could be copied (a copy rule scores 99.5 Rouge-L). v2 removes that docstring: the "
+              "summary must be written from the code (abstractive), the other functions keep theirs."},
+    "pycode": {"version": 1, "why": "unchanged: next-line completion already needs the file's own structure "
+               "and identifiers (lcc)."},
+}
+
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +75,7 @@ def main() -> None:
             print(f"{task}/{pool}: {len(rows)} examples")
         write_jsonl(ASSETS / "tasks" / task / "provenance.jsonl", prov)
         meta = corpus.provenance() | {"generator": "scripts/make_tasks.py", "args": vars(args),
+                                      "revision": REVISIONS[task],
                                       "pools": "sha256(stdlib relative path) % 100: <8 profile, <30 test, else train"}
         (ASSETS / "tasks" / task / "SOURCES.json").write_text(json.dumps(meta, indent=2) + "\n")
 
