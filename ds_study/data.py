@@ -322,6 +322,14 @@ def build_prompt(record: dict, task: TaskSpec, tokenizer: Any, max_length: int) 
     return Prompt(kept, suffix_ids, text, suffix_text, truncated=True)
 
 
+def answer_ids(tokenizer: Any, task: TaskSpec, answer: str) -> list[int]:
+    """The gold answer as the model should produce it after the suffix: a leading space except for
+    code, at most ``max_new_tokens - 1`` tokens, then EOS. Fine-tuning targets and the teacher-forced
+    NLL both use this."""
+    ids = tokenizer(answer if task.family == "code" else " " + answer, add_special_tokens=False)["input_ids"]
+    return ids[: task.max_new_tokens - 1] + [tokenizer.eos_token_id]
+
+
 def context_stats(records: list[dict], tokenizer: Any) -> dict:
     """Context length in tokens (no special tokens), as in the paper's dataset table (§5.2).
 

@@ -32,7 +32,13 @@ class UnsupportedArchitecture(ValueError):
 
 
 def resolve(ref: str) -> str:
-    """``zoo:NAME`` -> committed embedded variant; a directory -> itself; else a Hub id."""
+    """``smol:NAME`` -> the SmolLM2-135M base or a committed fine-tune of it (fetched/merged into the
+    cache on first use); ``zoo:NAME`` -> the 2M-parameter test fixture; a directory -> itself; else a
+    Hub id."""
+    if ref.startswith("smol:"):
+        from ds_study.smol import variant_dir
+
+        return str(variant_dir(ref[5:]))
     if ref.startswith("zoo:"):
         from ds_study.zoo import variant_path
 

