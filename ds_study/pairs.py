@@ -1,0 +1,168 @@
+"""The pair table: receiver alone, receiver on the sender's whole KV, sender alone (paper Fig. 6).
+
+    python -m ds_study.pairs --pairs smol_qa smol_sum smol_code smol_sum_code smol_qa_code --split test
+
+For each pair, on its task's split, three baselines are evaluated in batches (``ds_study.batched``):
+``full_prefill`` (the receiver alone), ``full_reuse`` (the receiver decoding from the sender's whole
+context KV, no layer recomputed) and ``sender`` (the sender alone). Each example's row holds the task
+score, the gold answer's teacher-forced NLL and the KL divergence from the receiver's full prefill;
+rows go to the pair's cell file as soon as a batch finishes, so an interrupted run resumes.
+
+The table reports every quality number with a bootstrap 95% interval over examples, and every
+difference (receiver minus sender, reuse minus receiver) as a *paired* difference on the same
+examples with its own interval. It checks the paper's benchmark rules (§2.1): the receiver reaches
+its task's floor and beats its sender by at least 10 points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ds_study import batched, data, metrics, runner
+
+FLOORS = {"qa_f1": 40.0, "code_sim": 40.0, "rouge_l": 25.0}
+MIN_MARGIN = 10.0
+BOOTSTRAP = 2000
+
+
+def interval(values, paired_with=None, seed: int = 0, reps: int = BOOTSTRAP) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap 95% interval of the mean, x100 like LongBench scores when
+    given scores in [0, 1]; with ``paired_with``, of the mean of the per-example differences."""
+    x = np.asarray(values, dtype=float)
+    if paired_with is not None:
+        x = x - np.asarray(paired_with, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(reps, len(x)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(x.mean()), float(lo), float(hi)
+
+
+def fmt(ci: tuple[float, float, float], scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
+    m, lo, hi = (v * scale for v in ci)
+    s = f"{m:+.{digits}f}" if sign else f"{m:.{digits}f}"
+    return f"{s} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _config(name: str, split: str, limit: int | None, cells_root: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(runner.CONF_DIR), version_base="1.3"):
+        return compose("evaluate", overrides=[f"model_pair={name}", f"split={split}", f"cells_root={cells_root}"]
+                       + ([f"limit={limit}"] if limit else []))
+
+
+def evaluate_pair(name: str, split: str, limit: int | None, batch_size: int, cells_root: str) -> dict:
+    """Fill the pair's three baseline cells for every example (batched, resumable); its table row."""
+    cfg = _config(name, split, limit, cells_root)
+    task = runner.validate(cfg)
+    records = runner.records_of(cfg, task)
+    pair = runner.load_pair_from(cfg)
+    tok = pair.tokenizer
+    examples = runner.prepare(pair, task, records, cfg.max_length)
+    store = runner.CellStore(Path(cfg.cells_root) / name, pair, task, split, cfg.max_length)
+
+    def done(ex):
+        return all((r := store.get(p, ex.id)) is not None and r.get("input") == ex.input_sha and "nll" in r
+                   for p in batched.BASELINES)
+
+    todo = sorted((ex for ex in examples if not done(ex)), key=lambda ex: len(ex.prompt.prefix_ids))
+    rule = metrics.stop_rule(task.metric)
+    stop = None if rule is None else (lambda ids: rule(tok.decode(ids, skip_special_tokens=True)))
+    eos = {tok.eos_token_id}
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"{name} ({split})", unit="ex",
+               dynamic_ncols=True)
+    for k in range(0, len(todo), batch_size):
+        chunk = todo[k:k + batch_size]
+        items = [batched.Item(ex.prompt.prefix_ids, ex.prompt.suffix_ids,
+                              data.answer_ids(tok, task, ex.record["answers"][0])) for ex in chunk]
+        t1 = time.perf_counter()
+        got = batched.evaluate_baselines(pair.receiver, pair.sender, items, tok.pad_token_id, task.max_new_tokens,
+                                         eos, stop=stop)
+        secs = (time.perf_counter() - t1) / len(chunk)
+        for plan, rows in got.items():
+            for ex, r in zip(chunk, rows):
+                pred = runner.prediction_text(tok, r["tokens"])
+                store.add({"plan": plan, "id": ex.id, "n_recomputed": None, "prediction": pred,
+                           "answers": ex.record["answers"], "score": runner.score(task, pred, ex.record),
+                           "metric": task.metric, "nll": round(r["nll"], 6), "kl": round(r["kl"], 6),
+                           "seconds": round(secs / len(got), 4), "batch": len(chunk), "input": ex.input_sha})
+        bar.update(len(chunk))
+    bar.close()
+    rows = {p: [store.get(p, ex.id) for ex in examples] for p in batched.BASELINES}
+    score = {p: [r["score"] for r in rows[p]] for p in rows}
+    nll = {p: [r["nll"] for r in rows[p]] for p in rows}
+    kl = {p: [r["kl"] for r in rows[p]] for p in rows}
+    recv, send, reuse = (interval(score[p]) for p in batched.BASELINES)
+    margin = interval(score["full_prefill"], paired_with=score["sender"])
+    reuse_loss = interval(score["full_reuse"], paired_with=score["full_prefill"])
+    floor = FLOORS[task.metric]
+    return {
+        "pair": name, "receiver": pair.receiver_id["name"], "sender": pair.sender_id["name"], "task": task.name,
+        "split": split, "n": len(examples), "metric": task.metric,
+        "metric_version": metrics.get_metric(task.metric).version,
+        "receiver_score": recv, "sender_score": send, "reuse_score": reuse,
+        "margin": margin, "reuse_minus_receiver": reuse_loss,
+        "nll": {p: interval(nll[p]) for p in nll},
+        "nll_reuse_minus_receiver": interval(nll["full_reuse"], paired_with=nll["full_prefill"]),
+        "kl_reuse": interval(kl["full_reuse"]),
+        "floor": floor, "meets_floor": recv[0] * 100 >= floor, "meets_margin": margin[0] * 100 >= MIN_MARGIN,
+        "seconds": round(time.perf_counter() - t0, 1), "batch_size": batch_size, "cells_file": str(store.path),
+        "models": pair.identities(),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| pair | receiver <- sender | task (metric) | n | receiver | sender | margin (paired) | rules met | "
+             "full reuse | reuse - receiver (paired) | NLL receiver | NLL reuse - receiver | KL reuse |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ok = "yes" if r["meets_floor"] and r["meets_margin"] else "NO"
+        lines.append(
+            f"| {r['pair']} | {r['receiver']} <- {r['sender']} | {r['task']} ({r['metric']}) | {r['n']} | "
+            f"{fmt(r['receiver_score'])} | {fmt(r['sender_score'])} | {fmt(r['margin'], sign=True)} | {ok} | "
+            f"{fmt(r['reuse_score'])} | {fmt(r['reuse_minus_receiver'], sign=True)} | "
+            f"{fmt(r['nll']['full_prefill'], 1, 3)} | {fmt(r['nll_reuse_minus_receiver'], 1, 3, sign=True)} | "
+            f"{fmt(r['kl_reuse'], 1, 3)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", nargs="+", default=["smol_qa", "smol_sum", "smol_code", "smol_sum_code", "smol_qa_code"])
+    ap.add_argument("--split", default="test", choices=["test", "profile"])
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--cells-root", default="results/cells")
+    ap.add_argument("--out", default=None, help="write <out>.json and <out>.md (default: print only)")
+    args = ap.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        ap.error("--limit must be a positive number of examples")
+    if args.batch_size < 1:
+        ap.error("--batch-size must be positive")
+    rows = [evaluate_pair(p, args.split, args.limit, args.batch_size, args.cells_root) for p in args.pairs]
+    text = table(rows)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        command = (f"python -m ds_study.pairs --pairs {' '.join(args.pairs)} --split {args.split}"
+                   + (f" --limit {args.limit}" if args.limit else "") + f" --out {args.out}")
+        out.with_suffix(".json").write_text(json.dumps({"command": command, "env": runner.environment("cpu"),
+                                                        "bootstrap": {"reps": BOOTSTRAP, "level": 0.95},
+                                                        "pairs": rows}, indent=2) + "\n")
+        note = ("Scores x100 with bootstrap 95% intervals over examples; differences are paired on the same "
+                "examples. NLL: gold answer, nats per token, teacher-forced. KL: from the receiver's own "
+                "full-prefill next-token distribution, nats, mean over the answer's positions.")
+        out.with_suffix(".md").write_text(f"Produced by `{command}`.\n\n{note}\n\n{text}\n")
+        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
