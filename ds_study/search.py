@@ -517,11 +517,41 @@ def check_config(sc, n_layers: int, split: str | None = None) -> None:
                  sc.holdout_split)
     if sc.get("holdout_limit") is not None:
         as_int("holdout_limit", sc.holdout_limit, 1)
+    if not isinstance(sc.get("publish", False), bool):
+        fail("publish", "true or false", sc.publish)
+    if sc.get("out_root") and not sc.get("publish"):
+        raise ValueError("search.out_root is where search.publish=true writes the stable result files; a profile "
+                         "writes its own files into its run directory. Add search.publish=true or drop search.out_root")
+
+
+def publish_root(cfg) -> Path:
+    """Where ``search.publish=true`` writes the stable per-pair files the figures read:
+    ``search.out_root``, or ``<results_root>/../search`` (the committed ``results/search``)."""
+    sc = cfg.search
+    return Path(sc.out_root) if sc.get("out_root") else Path(cfg.results_root).parent / "search"
+
+
+def portable(obj, root: Path):
+    """``obj`` with every string that is a path inside ``root`` made relative to it, so files meant
+    to be committed do not carry the absolute checkout path of whoever regenerated them."""
+    if isinstance(obj, dict):
+        return {k: portable(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v, root) for v in obj]
+    if isinstance(obj, str) and obj.startswith(str(root) + "/"):
+        return obj[len(str(root)) + 1:]
+    return obj
 
 
 def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
     """Profiling and selection after ``ds_study.profile``'s baselines: sensitivity, exhaustive and/or
-    greedy search, frontier, selected plans. Writes results/search/<pair>/<dataset>/ and the run dir."""
+    greedy search, frontier, selected plans.
+
+    Every file goes into the run directory ``run`` (points_g*.csv, frontier_g*.csv, greedy.csv,
+    greedy_vs_exhaustive_*.{csv,json,md}, search.json), so a profile never changes committed files.
+    Only with ``search.publish=true`` (regenerating the committed results) are the same files also
+    written to ``<publish_root>/<pair>/<dataset>/`` and the greedy-vs-exhaustive table of every
+    published pair to ``<publish_root>/greedy_vs_exhaustive.md``."""
     import sys
 
     import pandas as pd
@@ -531,9 +561,7 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
     sc, L = cfg.search, pair.n_layers
     check_config(sc, L, cfg.split)
     grans, deltas = [int(x) for x in as_list(sc.granularity)], [float(d) for d in as_list(sc.deltas)]
-    root = Path(sc.out_root) if sc.get("out_root") else Path(cfg.results_root).parent / "search"
-    out = root / cfg.model_pair.name / task.name
-    out.mkdir(parents=True, exist_ok=True)
+    out = root = Path(run)
     label = metrics.get_metric(task.metric).label
     n0 = ev.n_run
     base = quality(evaluate(ev, [parse_plan("full_prefill", L)], examples, "full prefill")["full_prefill"])
@@ -646,11 +674,36 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
         print(f"\ncritical layers (single-layer reuse drops {label} by more than {sc.critical_threshold:g} "
               f"{sc.critical_mode}): {sens['critical_layers']}")
         print("  per-layer " + label + ": " + " ".join(f"{i}:{s:.1f}" for i, s in enumerate(sens["layer_scores"])))
+    runner.write_json(run / "search.json", result)
+    if sc.get("publish"):
+        publish(cfg, task, run, result, exh, gre)
+    return result
+
+
+def publish(cfg, task, run: Path, result: dict, exh: dict, gre) -> Path:
+    """``search.publish=true``: copy this run's search files to the stable per-pair directory the
+    figures read (``results/search/<pair>/<dataset>/`` by default, committed), and rebuild the
+    greedy-vs-exhaustive markdown there. The explicit "regenerate committed results" step."""
+    import shutil
+
+    from ds_study import runner
+
+    root = publish_root(cfg)
+    out = root / cfg.model_pair.name / task.name
+    out.mkdir(parents=True, exist_ok=True)
     # the directory holds the latest search only: drop tables of granularities or methods it did not run
     made = {f"{kind}_g{g}.csv" for g in exh for kind in ("points", "frontier")} | ({"greedy.csv"} if gre else set())
     for f in out.glob("*.csv"):
         if f.name not in made:
             f.unlink()
-    runner.write_json(out / "search.json", result)
-    runner.write_json(run / "search.json", result)
-    return result
+    for name in sorted(made):
+        shutil.copyfile(run / name, out / name)
+    if "comparison" in result:
+        stem = f"greedy_vs_exhaustive_{cfg.model_pair.name}_{task.name}"
+        for ext in (".csv", ".json"):
+            shutil.copyfile(run / f"{stem}{ext}", root / f"{stem}{ext}")
+        md = write_comparison_md(root)
+        result = {**result, "comparison": {**result["comparison"], "markdown": str(md)}}
+    runner.write_json(out / "search.json", portable(result, runner.REPO_ROOT))
+    print(f"published the search to {out}")
+    return out

@@ -52,6 +52,8 @@ def main() -> None:
     # the profile step runs the full search (exhaustive g=1 and g=2, greedy) that the default profile
     # run leaves out (it profiles at g=2, as the paper)
     full_search = ["search.granularity=[1,2]", "search.method=both"]
+    if a.root:  # the root's search/ gets the stable per-pair files too (--root results: the committed ones)
+        full_search.append("search.publish=true")
     steps = [("profile", ["-m", "ds_study.profile", *common, *full_search]), ("study", ["-m", "ds_study.study", *common])]
     report = {"pair": a.pair, "threads": a.threads, "workers": a.workers, "limit": a.limit, "cpu_count": os.cpu_count(),
               "machine": platform.processor() or platform.machine(), "root": str(scratch),

@@ -148,6 +148,8 @@ def test_evaluate_scores_named_and_group_plans(compose_cfg, tmp_path):
     ("search.max_fraction=0", "search.max_fraction must be in"),
     ("search.holdout_split=nope", "search.holdout_split must be null, profile or test"),
     ("search.holdout_split=profile", "search.holdout_split must be the split not being profiled"),
+    ("search.publish=maybe", "search.publish must be true or false"),
+    ("search.out_root=/tmp/elsewhere", "search.out_root is where search.publish=true writes"),
 ])
 def test_bad_search_settings_refused_before_any_model_loads(refused_before_weights, override, message):
     refused_before_weights(profile.main, "profile", override, message)

@@ -184,7 +184,7 @@ def test_profile_resumes_after_interrupt(tiny, tmp_path, monkeypatch):
     from ds_study import profile
 
     cfg = compose("profile", pair_overrides(tiny[0], tiny[1], tmp_path) + [
-        f"dataset_path={tiny[2]}", f"search.out_root={tmp_path / 'search'}", "threads=1",
+        f"dataset_path={tiny[2]}", f"search.out_root={tmp_path / 'search'}", "search.publish=true", "threads=1",
         "search.granularity=[1,2]", "search.method=both", "workers=1"])
     real_run, calls = runner.Evaluator.run, []
 
@@ -283,7 +283,7 @@ def test_holdout_check_scores_the_compared_plans_again(tiny, tmp_path):
     # a local dataset file serves every split, so the "held-out" examples are the profiling ones:
     # the held-out columns must then reproduce the profiled ones exactly, from separately stored cells
     cfg = compose("profile", pair_overrides(tiny[0], tiny[1], tmp_path) + [
-        f"dataset_path={tiny[2]}", f"search.out_root={tmp_path / 'search'}", "threads=1",
+        f"dataset_path={tiny[2]}", f"search.out_root={tmp_path / 'search'}", "search.publish=true", "threads=1",
         "search.holdout_split=test", "search.granularity=[1,2]", "search.method=both"])
     comp = profile.main(cfg)["search"]["comparison"]
     assert comp["holdout"]["split"] == "test" and comp["holdout"]["n_examples"] == 3
@@ -334,7 +334,7 @@ def test_profile_tables_follow_the_latest_search_and_each_dataset_keeps_its_comp
     from ds_study import figures, profile
 
     base = pair_overrides(tiny[0], tiny[1], tmp_path) + [f"dataset_path={tiny[2]}", "threads=1", "workers=1",
-                                                         f"search.out_root={tmp_path / 'search'}",
+                                                         f"search.out_root={tmp_path / 'search'}", "search.publish=true",
                                                          "search.granularity=[1,2]", "search.deltas=0.05"]
     profile.main(compose("profile", base + ["search.method=both"]))
     out = tmp_path / "search" / "tinytest" / "pyqa"
@@ -343,3 +343,38 @@ def test_profile_tables_follow_the_latest_search_and_each_dataset_keeps_its_comp
     assert sorted(f.name for f in out.glob("*.csv")) == ["frontier_g2.csv", "points_g2.csv"]  # no stale greedy
     figures.make_all(tmp_path, tmp_path / "figs")  # the stale greedy table used to abort every figure
     assert (tmp_path / "figs" / "FIGURE_SOURCES.md").exists()
+
+
+def results_state() -> dict:
+    """Every file under the repository's results/ with its size and modification time: what a run
+    must leave exactly as it was (written, deleted or added files all show)."""
+    root = runner.REPO_ROOT / "results"
+    return {str(f.relative_to(root)): (f.stat().st_size, f.stat().st_mtime_ns)
+            for f in root.rglob("*") if f.is_file()}
+
+
+def test_the_default_profile_writes_only_into_its_own_run_directory(compose_cfg, tmp_path):
+    """Issue 17: the profile used to rewrite the committed results/search/<pair>/<dataset>/ files
+    (keyed by the pair's name only). Every output now goes into the run directory; only
+    search.publish=true writes the stable files, and then only where it is told."""
+    from ds_study import profile
+
+    before = results_state()
+    overrides = ["model_pair=tiny", "limit=1", "threads=1", "workers=1", "search.granularity=[2]",
+                 "search.sensitivity=false", f"results_root={tmp_path}/runs", f"cells_root={tmp_path}/cells"]
+    summary = profile.main(compose_cfg("profile", *overrides))  # zoo:code <- zoo:qa
+    assert results_state() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells", "runs"]  # no search/ beside runs/ either
+    (run,) = (tmp_path / "runs").iterdir()
+    for f in ("search.json", "points_g2.csv", "frontier_g2.csv", "summary.json"):
+        assert (run / f).exists(), f
+    assert json.loads((run / "search.json").read_text())["pair"] == "tiny" and "exhaustive" in summary["search"]
+
+    pub = tmp_path / "published"
+    profile.main(compose_cfg("profile", *overrides, "search.publish=true", f"search.out_root={pub}"))
+    assert results_state() == before
+    saved = json.loads((pub / "tiny" / "pycode" / "search.json").read_text())
+    assert sorted(p.name for p in (pub / "tiny" / "pycode").iterdir()) == ["frontier_g2.csv", "points_g2.csv",
+                                                                            "search.json"]
+    # committed files carry no checkout path: the embedded models are named relative to the repository
+    assert saved["models"]["receiver"]["path"] == "ds_study/assets/zoo/code"

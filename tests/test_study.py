@@ -42,7 +42,7 @@ def results(tmp_path_factory):
     receiver, sender = build_tiny_pair(root)
     common = pair_overrides(receiver, sender, root) + ["limit=2", "threads=1", "workers=1"]
     summary = study.main(compose("study", common + [f"study_root={root / 'results' / 'study'}"]))
-    profile.main(compose("profile", common + [f"search.out_root={root / 'results' / 'search'}",
+    profile.main(compose("profile", common + [f"search.out_root={root / 'results' / 'search'}", "search.publish=true",
                                               "search.method=exhaustive", "deviation=false"]))
     return root, summary
 
