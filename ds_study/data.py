@@ -201,6 +201,11 @@ def _embedded_file(dataset: str, split: str) -> Path:
     )
 
 
+class DatasetUnavailable(RuntimeError):
+    """A LongBench subset that can be neither downloaded nor read locally (a user error: the
+    message says how to get the file)."""
+
+
 def _load_longbench(dataset: str) -> list[dict]:
     try:
         import datasets  # imported here: the embedded tasks and local files do not need it
@@ -208,11 +213,11 @@ def _load_longbench(dataset: str) -> list[dict]:
         rows = datasets.load_dataset(LONGBENCH_HUB_PATH, dataset, split="test")
         rows = [dict(r) for r in rows]
     except Exception as e:  # noqa: BLE001 - any failure gets the same way out
-        raise RuntimeError(
+        raise DatasetUnavailable(
             f"could not load LongBench {dataset!r} from the Hub ({LONGBENCH_HUB_PATH}): "
             f"{type(e).__name__}: {e}. Download LongBench's data.zip "
             "(https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip), unzip it and "
-            f"pass dataset.path=/path/to/{dataset}.jsonl"
+            f"pass dataset_path=/path/to/{dataset}.jsonl"
         ) from e
     return [validate_record(r, f"{LONGBENCH_HUB_PATH}/{dataset}[{i}]") for i, r in enumerate(rows)]
 
@@ -300,8 +305,10 @@ def build_prompt(record: dict, task: TaskSpec, tokenizer: Any, max_length: int) 
     """
     prefix_text = task.prefix_template.format(context=record["context"], input=record["input"])
     suffix_text = task.suffix_template.format(context=record["context"], input=record["input"])
-    prefix_ids = list(tokenizer.encode(prefix_text, add_special_tokens=True))
-    suffix_ids = list(tokenizer.encode(suffix_text, add_special_tokens=False))
+    # verbose=False: transformers would warn that a context longer than the model's maximum "will
+    # result in indexing errors", but such a prompt is middle-truncated below before any model sees it
+    prefix_ids = list(tokenizer.encode(prefix_text, add_special_tokens=True, verbose=False))
+    suffix_ids = list(tokenizer.encode(suffix_text, add_special_tokens=False, verbose=False))
 
     budget = max_length - task.max_new_tokens
     if len(prefix_ids) + len(suffix_ids) <= budget:
@@ -337,7 +344,7 @@ def context_stats(records: list[dict], tokenizer: Any) -> dict:
     """
     if not records:
         raise ValueError("context_stats: no records")
-    n = sorted(len(tokenizer.encode(r["context"], add_special_tokens=False)) for r in records)
+    n = sorted(len(tokenizer.encode(r["context"], add_special_tokens=False, verbose=False)) for r in records)
     rank = 0.95 * (len(n) - 1)
     lo = int(rank)
     hi = min(lo + 1, len(n) - 1)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import time
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ds_study import metrics, runner
+from ds_study.cli import hydra_main
 from ds_study.executor import parse_plan
 from ds_study.profile import print_table, summarize_plans
 
@@ -57,7 +57,7 @@ def main(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(config_path=str(runner.CONF_DIR), config_name="evaluate", version_base="1.3")
+@hydra_main("evaluate")  # user errors in one or two lines, bugs with their traceback (ds_study.cli)
 def cli(cfg: DictConfig) -> None:
     main(cfg)
 

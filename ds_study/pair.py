@@ -46,6 +46,32 @@ def resolve(ref: str) -> str:
     return ref
 
 
+def check_ref(ref: str, role: str = "model") -> None:
+    """Refuse a model reference that names a local path that is not there, before transformers
+    would (it reports such a path as a malformed Hub id, deep in a traceback). A reference is a path
+    where it starts with '.', '/' or '~', or has more than one '/' (a Hub id is ``org/name``); an
+    ``org/name`` that is no directory must be a Hub id already in the local cache when offline."""
+    ref = str(ref)
+    if ref.startswith(("zoo:", "smol:")):
+        return
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{role}={ref}: the directory has no config.json; pass a checkpoint directory "
+                                    f"(saved with save_pretrained), zoo:NAME or smol:NAME")
+        return
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1 or p.exists():
+        what = "is a file, not a checkpoint directory" if p.exists() else "does not exist"
+        raise FileNotFoundError(f"{role}={ref}: {what}; pass a checkpoint directory, zoo:NAME, smol:NAME "
+                                f"or a Hub id (org/name)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            raise FileNotFoundError(f"{role}={ref}: no such directory, and no Hub model {ref!r} in the local cache "
+                                    f"(HF_HUB_OFFLINE=1); pass a checkpoint directory or download the model first")
+
+
 def local_dir(ref: str) -> Path:
     """Directory holding the files of a local checkpoint or of a Hub id already in the local cache."""
     p = Path(ref)
@@ -153,6 +179,8 @@ def load_pair(receiver: str, sender: str, dtype: str = "float32", device: str = 
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_ref(receiver, "receiver")
+    check_ref(sender, "sender")
     refs = {"receiver": resolve(receiver), "sender": resolve(sender)}
     configs = {k: AutoConfig.from_pretrained(v) for k, v in refs.items()}
     toks = {k: AutoTokenizer.from_pretrained(v) for k, v in refs.items()}

@@ -9,7 +9,9 @@ example and plan), summary.json, deviation.csv (per layer: mean of k_dev, v_dev,
 attn_cos, and their std/p25/p75 over examples), deviation_per_example.csv and deviation.png.
 With ``search.enabled`` (the default, conf/search.yaml) it then profiles recompute groups
 (ds_study.search): critical layers, the frontier, the selected plans for each delta, and the
-greedy-vs-exhaustive table, into ``results/search/<pair>/<dataset>/`` and search.json.
+greedy-vs-exhaustive table, into the same run directory (points_g*.csv, frontier_g*.csv, greedy.csv,
+search.json). ``search.publish=true`` also writes them to ``results/search/<pair>/<dataset>/`` (the
+committed files the figures read): the explicit "regenerate committed results" step.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from __future__ import annotations
 import json
 import time
 
-import hydra
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ds_study import deviation, figures, metrics, runner
+from ds_study.cli import hydra_main
 
 
 def summarize_plans(task, rows_by_plan: dict[str, list[dict]]) -> list[dict]:
@@ -52,7 +54,7 @@ def main(cfg: DictConfig) -> dict:
     runner.write_json(run / "env.json", runner.environment(cfg.device))
     store = runner.CellStore(runner.Path(cfg.cells_root) / cfg.model_pair.name, pair, task, cfg.split, cfg.max_length)
     ev = runner.Evaluator(pair, task, store, workers=runner.workers_of(cfg), worker_cfg=cfg)
-    print(f"profiling {cfg.model_pair.name} ({pair.sender_id['name']} -> {pair.receiver_id['name']}) on "
+    print(f"profiling {cfg.model_pair.name} (receiver {pair.receiver_id['name']} <- sender {pair.sender_id['name']}) on "
           f"{task.name}/{cfg.split}: {len(examples)} examples, {pair.n_layers} layers -> {run}")
 
     ev.fill(plans, examples)  # with workers > 1: the baselines' cells in parallel first
@@ -80,7 +82,7 @@ def main(cfg: DictConfig) -> dict:
         dev = deviation.summarize(per_example)
         dev.to_csv(run / "deviation.csv", index=False)
         figures.plot_deviation(run / "deviation.csv", run / "deviation",
-                               title=f"{cfg.model_pair.name}: {pair.sender_id['name']} -> {pair.receiver_id['name']}")
+                               title=f"{cfg.model_pair.name}: receiver {pair.receiver_id['name']} <- sender {pair.sender_id['name']}")
         summary["deviation_mean"] = {c: round(float(dev[c].mean()), 6) for c in deviation.COLUMNS}
         print("\nper-layer deviation (mean over examples)")
         print(dev[["layer", *deviation.COLUMNS]].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
@@ -96,7 +98,7 @@ def main(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(config_path=str(runner.CONF_DIR), config_name="profile", version_base="1.3")
+@hydra_main("profile")  # user errors in one or two lines, bugs with their traceback (ds_study.cli)
 def cli(cfg: DictConfig) -> None:
     main(cfg)
 

@@ -55,8 +55,25 @@ def records_of(cfg: DictConfig, task: data.TaskSpec) -> list[dict]:
     return recs[: cfg.limit] if cfg.get("limit") else recs
 
 
+def check_model_pair(cfg: DictConfig) -> None:
+    """The pair's settings, first: every mandatory (``???``) field set, and local model paths that
+    exist, before any dataset is read or transformers is called."""
+    from ds_study.pair import check_ref
+
+    mp = cfg.model_pair
+    missing = [k for k in ("receiver", "sender", "task", "name") if OmegaConf.is_missing(mp, k)]
+    if missing:
+        raise ValueError(f"model_pair={'?' if 'name' in missing else mp.name} needs "
+                         + ", ".join(f"model_pair.{k}" for k in missing) + ": pass "
+                         + " ".join(f"model_pair.{k}=..." for k in missing)
+                         + " (receiver and sender: checkpoint directories or Hub ids)")
+    check_ref(mp.receiver, "model_pair.receiver")
+    check_ref(mp.sender, "model_pair.sender")
+
+
 def validate(cfg: DictConfig) -> data.TaskSpec:
     """Every check that needs no model weights, so bad input fails in seconds."""
+    check_model_pair(cfg)
     task = task_of(cfg)
     if cfg.split not in ("profile", "test"):
         raise ValueError(f"split must be 'profile' or 'test', got {cfg.split!r}")
@@ -72,8 +89,9 @@ def receiver_layers(cfg: DictConfig) -> int:
     """Layer count from the receiver's config alone (cheap), to validate plans before loading weights."""
     from transformers import AutoConfig
 
-    from ds_study.pair import resolve, shape_of
+    from ds_study.pair import check_ref, resolve, shape_of
 
+    check_ref(cfg.model_pair.receiver, "model_pair.receiver")
     return shape_of(AutoConfig.from_pretrained(resolve(cfg.model_pair.receiver)))["num_hidden_layers"]
 
 

@@ -28,11 +28,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import hydra
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from ds_study import metrics, runner, search
+from ds_study.cli import hydra_main
 from ds_study.executor import parse_plan
 
 JOBS = ("quality", "sensitivity", "propagation", "transfer")
@@ -305,8 +305,8 @@ def main(cfg: DictConfig, pair=None) -> dict:
     st = Study(cfg, pair)
     run = runner.start_run(cfg, "study", runner.task_of(cfg))
     runner.write_json(run / "env.json", runner.environment(cfg.device))
-    print(f"study {'+'.join(jobs)} on {cfg.model_pair.name} ({st.pair.sender_id['name']} -> "
-          f"{st.pair.receiver_id['name']}), split {cfg.split} -> {st.root}")
+    print(f"study {'+'.join(jobs)} on {cfg.model_pair.name} (receiver {st.pair.receiver_id['name']} <- sender "
+          f"{st.pair.sender_id['name']}), split {cfg.split} -> {st.root}")
     summary, timings = {"jobs": jobs, "pair": cfg.model_pair.name, "models": st.pair.identities()}, {}
     for job in jobs:
         t = time.perf_counter()
@@ -329,7 +329,7 @@ def main(cfg: DictConfig, pair=None) -> dict:
     return summary
 
 
-@hydra.main(config_path=str(runner.CONF_DIR), config_name="study", version_base="1.3")
+@hydra_main("study")  # user errors in one or two lines, bugs with their traceback (ds_study.cli)
 def cli(cfg: DictConfig) -> None:
     main(cfg)
 

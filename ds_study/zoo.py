@@ -33,7 +33,7 @@ ZOO_DIR = Path(__file__).resolve().parent / "assets" / "zoo"
 MANIFEST = "manifest.json"
 CORPUS = Path(__file__).resolve().parent / "assets" / "corpus" / "pretrain.txt.gz"
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-REBUILD_HINT = "rebuild it with `python -m ds_study.zoo out=ds_study/assets/zoo` (about 25 min on 2 CPU cores)"
+REBUILD_HINT = "rebuild it with `python -m ds_study.zoo out=ds_study/assets/zoo` (about 40 min on 2 CPU cores)"
 
 
 class ZooError(RuntimeError):
@@ -601,23 +601,29 @@ def cli(argv: list[str]) -> None:
 
     import hydra
 
+    from ds_study.cli import guard_task, run
+
+    verbose = [a for a in argv[1:] if a == "--verbose"]  # ds_study.cli.run's flag, not a command
+    argv = [a for a in argv if a != "--verbose"]
     command = argv[1] if len(argv) > 1 and argv[1] in COMMANDS else None
     rest = [a for i, a in enumerate(argv[1:], 1) if not (i == 1 and command)]
     family = next((a.split("=", 1)[1] for a in rest if a.startswith("family=")), "smol" if command == "fetch" else "tiny")
     if family not in ("tiny", "smol"):
         raise SystemExit(f"family={family}: must be tiny (the test fixture) or smol")
     rest = [a for a in rest if not a.startswith("family=")]
-    sys.argv = [argv[0], *rest]
+    sys.argv = [argv[0], *rest, *verbose]
     if family == "smol":
-        def run(cfg: DictConfig) -> None:
+        def run_smol(cfg: DictConfig) -> None:
             smol_main(cfg, command or "build")
-        hydra.main(config_path=str(CONF_DIR), config_name="zoo_smol", version_base="1.3")(run)()
+        task, config_name = run_smol, "zoo_smol"
     else:
         def run_tiny(cfg: DictConfig) -> None:
             if command == "verify":
                 cfg.verify_only = True
             main(cfg)
-        hydra.main(config_path=str(CONF_DIR), config_name="zoo", version_base="1.3")(run_tiny)()
+        task, config_name = run_tiny, "zoo"
+    # user errors in one or two lines, bugs with their traceback (ds_study.cli)
+    run(lambda: hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(guard_task(task))())
 
 
 if __name__ == "__main__":

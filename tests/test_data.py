@@ -181,7 +181,9 @@ def test_longbench_hub_route(monkeypatch):
         raise ConnectionError("offline")
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fail))
-    with pytest.raises(RuntimeError, match=r"data\.zip.*dataset\.path=/path/to/lcc\.jsonl"):
+    from ds_study.data import DatasetUnavailable
+
+    with pytest.raises(DatasetUnavailable, match=r"data\.zip.*dataset_path=/path/to/lcc\.jsonl"):  # the real key
         load_records("lcc")
 
 
