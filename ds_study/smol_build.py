@@ -85,9 +85,12 @@ def build_variant(cfg: DictConfig, name: str, out: Path, base: Path) -> dict:
     v = cfg.variants[name]
     recipe = recipe_of(cfg, name)
     done = out / name / STATS
-    if done.is_file() and json.loads(done.read_text()).get("recipe_key") == _recipe_key(recipe):
-        print(f"variant {name}: finished earlier with the same recipe, kept")
-        return json.loads(done.read_text())
+    data_hashes = {p.relative_to(p.parents[4]).as_posix(): smol.sha256_file(p) for p in _data_files(v.task)}
+    if done.is_file():
+        prev = json.loads(done.read_text())
+        if prev.get("recipe_key") == _recipe_key(recipe) and prev.get("data") == data_hashes:
+            print(f"variant {name}: finished earlier with the same recipe and data, kept")
+            return prev
     t0 = time.time()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -123,7 +126,7 @@ def build_variant(cfg: DictConfig, name: str, out: Path, base: Path) -> dict:
              "examples_seen": v.steps * v.batch_size,
              "final_train_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
              "val_loss": round(val_loss, 4), "base_val_loss": round(base_val, 4),
-             "data": {p.relative_to(p.parents[4]).as_posix(): smol.sha256_file(p) for p in _data_files(v.task)},
+             "data": data_hashes,
              "seconds": round(time.time() - t0, 1)}
     done.write_text(json.dumps(stats, indent=2) + "\n")
     return stats
