@@ -1,7 +1,7 @@
 """Profile a sender -> receiver pair: per-layer deviation and the quality of the baselines.
 
     python -m ds_study.profile                          # default embedded pair, 50 profiling examples
-    python -m ds_study.profile model_pair=tiny_qa dataset=pyqa limit=10
+    python -m ds_study.profile model_pair=smol_qa dataset=pyqa limit=10
     python -m ds_study.profile model_pair=custom model_pair.receiver=DIR model_pair.sender=DIR model_pair.task=hotpotqa
 
 Writes a new directory under ``results/runs/``: config.yaml, env.json, samples.jsonl (one line per
@@ -57,7 +57,7 @@ def main(cfg: DictConfig) -> dict:
     print(f"profiling {cfg.model_pair.name} (receiver {pair.receiver_id['name']} <- sender {pair.sender_id['name']}) on "
           f"{task.name}/{cfg.split}: {len(examples)} examples, {pair.n_layers} layers -> {run}")
 
-    ev.fill(plans, examples)  # with workers > 1: the baselines' cells in parallel first
+    ev.fill(plans, examples, desc="baselines")  # the baselines' cells (in parallel with workers > 1), live bar
     rows_by_plan = {p.name: [] for p in plans}
     per_example, t0 = [], time.perf_counter()
     with open(run / "samples.jsonl", "w") as samples:

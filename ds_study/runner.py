@@ -89,10 +89,10 @@ def receiver_layers(cfg: DictConfig) -> int:
     """Layer count from the receiver's config alone (cheap), to validate plans before loading weights."""
     from transformers import AutoConfig
 
-    from ds_study.pair import check_ref, resolve, shape_of
+    from ds_study.pair import check_ref, config_ref, shape_of
 
     check_ref(cfg.model_pair.receiver, "model_pair.receiver")
-    return shape_of(AutoConfig.from_pretrained(resolve(cfg.model_pair.receiver)))["num_hidden_layers"]
+    return shape_of(AutoConfig.from_pretrained(config_ref(cfg.model_pair.receiver)))["num_hidden_layers"]
 
 
 def workers_of(cfg: DictConfig) -> int:
@@ -185,6 +185,14 @@ class CellStore:
 
     def get(self, plan: str, example_id: str) -> dict | None:
         return self.cells.get((plan, example_id))
+
+    def line_count(self) -> int:
+        """Lines in the file now (worker processes append to it): progress of a parallel fill."""
+        try:
+            with open(self.path, "rb") as f:
+                return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+        except FileNotFoundError:
+            return 0
 
     def add(self, row: dict) -> None:
         self.cells[(row["plan"], row["id"])] = row
@@ -296,34 +304,66 @@ class Evaluator:
         row = self.store.get(plan.name, ex.id) if self.store is not None else None
         return row is None or row.get("input") != ex.input_sha or (out_err and "out_err" not in row)
 
-    def fill(self, plans: list[Plan], examples: list[Example], out_err: bool = False, min_cells: int = 40) -> None:
-        """Compute the missing cells of plans x examples with ``workers`` processes sharing the cell file.
+    def fill(self, plans: list[Plan], examples: list[Example], out_err: bool = False, min_cells: int = 40,
+             desc: str = "cells") -> None:
+        """Compute the missing cells of plans x examples, with a live bar (cells done of total, rate, ETA).
 
-        Examples are split between this process and ``workers - 1`` spawned ones (each loads the pair
-        from ``worker_cfg`` and captures its own examples' caches once); afterwards every cell is in
-        the store, so the caller's ordinary loop only reads. Results do not depend on ``workers``.
+        With ``workers > 1`` (and at least ``min_cells`` missing) examples are split between this
+        process and ``workers - 1`` spawned ones sharing the cell file (each loads the pair from
+        ``worker_cfg`` and captures its own examples' caches once); the bar counts their cells as
+        they land in the file. Afterwards every cell is in the store, so the caller's ordinary loop
+        only reads. Results do not depend on ``workers``.
         """
+        from tqdm import tqdm
+
         missing = {(p.name, ex.id) for ex in examples for p in plans if self.missing(p, ex, out_err)}
         self._fresh |= missing  # computed below, by this process or a worker
         todo, n_cells = [ex for ex in examples if any((p.name, ex.id) in missing for p in plans)], len(missing)
-        if self.workers <= 1 or self.store is None or self.worker_cfg is None or n_cells < min_cells:
+        if self.store is None or not n_cells:
             return
+        bar = tqdm(total=n_cells, desc=desc, unit="cell", dynamic_ncols=True)
+        try:
+            if self.workers <= 1 or self.worker_cfg is None or n_cells < min_cells:
+                for ex in todo:
+                    for p in plans:
+                        if (p.name, ex.id) in missing:
+                            self.cell(p, ex, out_err)
+                            bar.update()
+                return
+            self._fill_parallel(plans, todo, out_err, bar)
+        finally:
+            bar.close()
+
+    def _fill_parallel(self, plans: list[Plan], todo: list[Example], out_err: bool, bar) -> None:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, wait
         from concurrent.futures.process import BrokenProcessPool
 
         shards = [todo[i::self.workers] for i in range(self.workers)]
         cfg = OmegaConf.to_container(self.worker_cfg, resolve=True)
+        lines0 = self.store.line_count()
+
+        def show(own: int) -> None:  # every cell appended to the file since the start is one done
+            bar.n = min(bar.total, max(own, self.store.line_count() - lines0))
+            bar.refresh()
+
         # a worker that dies (killed, out of memory) breaks the pool: its future raises instead of
         # leaving this process waiting forever; finished cells are in the file either way
         pool = ProcessPoolExecutor(self.workers - 1, mp_context=multiprocessing.get_context("spawn"))
         try:
             jobs = [pool.submit(fill_cells, cfg, str(self.store.path.parent), plans, [ex.id for ex in shard], out_err)
                     for shard in shards[1:] if shard]
+            own = 0
             for ex in shards[0]:
                 for p in plans:
-                    self.cell(p, ex, out_err)
+                    if self.missing(p, ex, out_err):
+                        self.cell(p, ex, out_err)
+                        own += 1
+                        show(own)
+            while wait(jobs, timeout=1.0).not_done:
+                show(own)
             self.n_run += sum(j.result() for j in jobs)
+            show(own)
         except BrokenProcessPool as e:
             raise RuntimeError(f"a cell worker process died ({e}); finished cells are kept in {self.store.path}, "
                                f"so rerunning the same command resumes (workers=1 runs in this process)") from None

@@ -278,9 +278,9 @@ def evaluate(ev, plans: Sequence[Plan], examples, desc: str = "", out_err: bool 
     plans of one context share recomputed layers. Finished cells come from the cell file."""
     from tqdm import tqdm
 
-    ev.fill(list(plans), list(examples), out_err)  # with workers > 1: compute missing cells in parallel first
+    ev.fill(list(plans), list(examples), out_err, desc=desc or "cells")  # computes what is missing, with a live bar
     rows: dict[str, list[dict]] = {p.name: [] for p in plans}
-    for ex in tqdm(examples, desc=desc or "cells", dynamic_ncols=True, leave=False):
+    for ex in tqdm(examples, desc=f"{desc or 'cells'} (read)", dynamic_ncols=True, leave=False):
         for p in plans:
             rows[p.name].append(ev.cell(p, ex, out_err=out_err))
     return rows
