@@ -83,6 +83,10 @@ def variant_path(name: str, root: Path = ZOO_DIR) -> Path:
         verify(root)
         _VERIFIED.add(root)
     manifest = json.loads((root / MANIFEST).read_text())
+    if name in manifest.get("not_committed", {}).get("variants", {}):
+        raise ZooError(f"zoo variant {name!r} is not committed: the 2M family is a test fixture of "
+                       f"{', '.join(sorted(manifest['variants']))} only; rebuild it with `python -m ds_study.zoo` "
+                       f"or use a smol pair (conf/model_pair/smol_*.yaml)")
     if name not in manifest["variants"]:
         raise ZooError(f"unknown zoo variant {name!r}; available: {sorted(manifest['variants'])}")
     return root / name
@@ -526,8 +530,9 @@ def build(cfg: DictConfig, out: Path) -> dict:
 
 
 def compare(built: dict, reference: dict) -> list[str]:
-    """Differences between two manifests' files (empty list: bit-identical family)."""
-    a, b = built["files"], reference["files"]
+    """Differences between two manifests' files (empty list: bit-identical family). Variants the
+    reference keeps out of the tree (``not_committed``) are compared with their recorded hashes."""
+    a, b = built["files"], {**reference["files"], **reference.get("not_committed", {}).get("files", {})}
     return [f"{k}: {'missing' if k not in a else 'extra' if k not in b else 'differs'}"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 

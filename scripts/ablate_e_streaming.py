@@ -17,7 +17,7 @@ import bench_ttft as B
 from ds_study import engine
 from ds_study.engine import Link
 torch.set_num_threads(1)
-args = types.SimpleNamespace(receiver="zoo:code", sender="zoo:qa", task="pycode", examples=3, random=False, random_tokens=768, receiver_b="zoo:sum")
+args = types.SimpleNamespace(receiver="zoo:code", sender="zoo:qa", task="pycode", examples=3, random=False, random_tokens=768, receiver_b="zoo:qa")
 S = B.load_setup(args)
 orig = engine.Engine.__init__
 def one(gbps, chunk, gil, i):

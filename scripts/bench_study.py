@@ -1,7 +1,7 @@
 """Wall time of the whole study plus exhaustive g=1 profiling on one pair, from an empty cell store.
 
     python scripts/bench_study.py                      # default pair (tiny), 50 profiling examples
-    python scripts/bench_study.py --pair tiny_sum --threads 2
+    python scripts/bench_study.py --pair tiny --threads 2
 
 Runs, as separate processes exactly as a user would:
   1. python -m ds_study.profile model_pair=PAIR search.granularity=[1,2] search.method=both

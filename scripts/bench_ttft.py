@@ -638,7 +638,7 @@ def main() -> None:
     p.add_argument("command", choices=("quality", "bandwidth", "timeline", "spans", "figures", "all"))
     p.add_argument("--receiver", default="zoo:code", help="default: conf/model_pair/tiny.yaml")
     p.add_argument("--sender", default="zoo:qa")
-    p.add_argument("--receiver-b", default="zoo:sum", help="timeline: the second receiver (B)")
+    p.add_argument("--receiver-b", default="zoo:qa", help="timeline: the second receiver (B; the committed timeline runs used zoo:sum, no longer in the fixture)")
     p.add_argument("--task", default="pycode")
     p.add_argument("--examples", type=int, default=8, help="test examples (quality) / contexts (bandwidth)")
     p.add_argument("--reps", type=int, default=3, help="measured repetitions per point (after a warm-up)")

@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", default="results/heuristic_baselines")
     ap.add_argument("--pair-quality", default=str(ROOT / "results" / "pair_quality.json"),
-                    help="the receivers' scores to compare with (scripts/pair_quality.py --out)")
+                    help="the receivers' scores to compare with (the 2M family's table, written by the former scripts/pair_quality.py)")
     args = ap.parse_args()
     tasks = {"pycode": "code_sim", "pysum": "rouge_l", "pyqa": "qa_f1"}
     train = {t: load_records(t, "train") for t in tasks}
