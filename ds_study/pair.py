@@ -31,6 +31,14 @@ class UnsupportedArchitecture(ValueError):
     """The executor drives decoder layers of specific architectures only."""
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint's files are damaged: a manifest mismatch, an unreadable safetensors header, or
+    weights or logits that are not finite (or degenerate). Its results would be silent garbage."""
+
+
+CORRUPT_HINT = "restore or re-create the directory (a smol cache directory: delete it, smol:NAME rebuilds it)"
+
+
 def resolve(ref: str) -> str:
     """``smol:NAME`` -> the SmolLM2-135M base or a committed fine-tune of it (fetched/merged into the
     cache on first use); ``zoo:NAME`` -> the 2M-parameter test fixture; a directory -> itself; else a
@@ -93,6 +101,69 @@ def local_dir(ref: str) -> Path:
     except Exception as e:  # noqa: BLE001 - re-raised with advice
         raise FileNotFoundError(f"model {ref!r} is neither a local directory nor a loadable Hub id ({e}); "
                                 f"pass a local checkpoint directory or download it first") from e
+
+
+def check_manifest(path: Path, role: str = "model") -> bool:
+    """A checkpoint directory with a ``manifest.json`` holding a ``files`` map of sha256 (the smol
+    cache's base and merged directories) is checked file by file; a mismatch is CorruptCheckpoint
+    naming the file. Returns whether there was a manifest to check."""
+    from ds_study import smol
+
+    mpath = Path(path) / smol.MANIFEST
+    if not mpath.is_file():
+        return False
+    try:
+        if not isinstance(json.loads(mpath.read_text()).get("files"), dict):
+            return False  # some other tool's manifest.json: not ours to judge
+    except (OSError, ValueError, AttributeError):
+        return False
+    try:
+        smol.verify_dir(Path(path))
+    except smol.SmolError as e:
+        raise CorruptCheckpoint(f"{role}={path}: {e}; {CORRUPT_HINT}") from None
+    return True
+
+
+def check_safetensors_headers(path: Path, role: str = "model") -> None:
+    """Every ``*.safetensors`` file of ``path`` has a readable header whose tensors fit in the file
+    (costs one small read per file). safetensors itself reports a garbled header as ``invalid JSON in
+    header`` without naming the file, and a truncated one only when a tensor is read."""
+    for f in sorted(Path(path).glob("*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little") if size >= 8 else -1
+                if not 0 < n <= size - 8:
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+                header = json.loads(fh.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end > size:
+                raise ValueError(f"truncated: its tensors need {8 + n + end} bytes, the file has {size}")
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+            raise CorruptCheckpoint(f"{role}={path}: {f.name} is not a readable safetensors file "
+                                    f"({str(e).splitlines()[0][:160]}); {CORRUPT_HINT}") from None
+
+
+@torch.no_grad()
+def check_sane(model: torch.nn.Module, tokenizer, role: str, path) -> None:
+    """Cheap sanity checks of loaded weights, for checkpoints without a manifest: every parameter
+    finite, and the logits of one short forward finite and not degenerate (all equal)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise CorruptCheckpoint(f"{role}={path}: weight {name} holds NaN or inf values; the checkpoint is "
+                                    f"corrupt: {CORRUPT_HINT}")
+    ids = tokenizer("def f(x):\n    return x  # The quick brown fox.")["input_ids"][:16] or [0]
+    logits = model(torch.tensor([ids], device=next(model.parameters()).device)).logits.float()
+    what = None
+    if not torch.isfinite(logits).all():
+        what = "non-finite (NaN or inf)"
+    elif bool((logits.amax(-1) == logits.amin(-1)).all()):
+        what = "degenerate (every token scored alike)"
+    if what:
+        raise CorruptCheckpoint(f"{role}={path}: the model's logits on a short probe are {what}; the checkpoint "
+                                f"is corrupt or untrained: {CORRUPT_HINT}")
 
 
 def weights_sha256(path: Path) -> str:
@@ -197,9 +268,20 @@ def load_pair(receiver: str, sender: str, dtype: str = "float32", device: str = 
     refs = {"receiver": resolve(receiver), "sender": resolve(sender)}
     models, ids = {}, {}
     for k, ref in refs.items():
-        ids[k] = {"name": receiver if k == "receiver" else sender, "path": str(ref),
-                  "weights_sha256": weights_sha256(local_dir(ref))}
-        models[k] = AutoModelForCausalLM.from_pretrained(ref, dtype=DTYPES[dtype],
-                                                         attn_implementation=attn_implementation).to(device).eval()
+        name = receiver if k == "receiver" else sender
+        where = local_dir(ref)
+        if not str(name).startswith(("smol:", "zoo:")):  # those are verified by resolve() already
+            check_manifest(where, k)
+        check_safetensors_headers(where, k)
+        ids[k] = {"name": name, "path": str(ref), "weights_sha256": weights_sha256(where)}
+        try:
+            models[k] = AutoModelForCausalLM.from_pretrained(ref, dtype=DTYPES[dtype],
+                                                             attn_implementation=attn_implementation).to(device).eval()
+        except Exception as e:  # noqa: BLE001 - safetensors' own errors do not name the file
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise CorruptCheckpoint(f"{k}={where}: a weight file is not a readable safetensors file "
+                                    f"({str(e).splitlines()[0][:160]}); {CORRUPT_HINT}") from None
+        check_sane(models[k], toks[k], k, where)
     return ModelPair(models["receiver"], models["sender"], toks["receiver"], ids["receiver"], ids["sender"],
                      shape_of(configs["receiver"]))
