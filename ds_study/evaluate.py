@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> dict:
     examples = runner.prepare(pair, task, records, cfg.max_length)
     run = runner.start_run(cfg, "evaluate", task)
     runner.write_json(run / "env.json", runner.environment(cfg.device))
-    store = runner.CellStore(runner.Path(cfg.cells_root) / cfg.model_pair.name, pair, task, cfg.split, cfg.max_length)
+    store = runner.cell_store(cfg, pair, task)
     ev = runner.Evaluator(pair, task, store)
     rows_by_plan, t0 = {p.name: [] for p in plans}, time.perf_counter()
     with open(run / "samples.jsonl", "w") as samples:

@@ -52,7 +52,7 @@ def main(cfg: DictConfig) -> dict:
     examples = runner.prepare(pair, task, records, cfg.max_length)
     run = runner.start_run(cfg, "profile", task)
     runner.write_json(run / "env.json", runner.environment(cfg.device))
-    store = runner.CellStore(runner.Path(cfg.cells_root) / cfg.model_pair.name, pair, task, cfg.split, cfg.max_length)
+    store = runner.cell_store(cfg, pair, task)
     ev = runner.Evaluator(pair, task, store, workers=runner.workers_of(cfg), worker_cfg=cfg)
     print(f"profiling {cfg.model_pair.name} (receiver {pair.receiver_id['name']} <- sender {pair.sender_id['name']}) on "
           f"{task.name}/{cfg.split}: {len(examples)} examples, {pair.n_layers} layers -> {run}")

@@ -5,6 +5,11 @@ overwritten) holding the resolved config, the environment, per-example samples a
 metric versions and model identities. Evaluated (plan, example) *cells* are also appended, one
 JSON line each, to a per-pair cell file as soon as they finish; rerunning any command reuses the
 cells already there, so an interruption loses at most the cell in progress.
+
+New cells go to the user's store (``cells_root``, default ``$DS_STUDY_HOME/cells``, i.e.
+``~/.cache/ds_study/cells``); the committed ``results/cells`` is a read-only *seed* (``cells_seed``,
+null disables it) consulted after the user's store, so no command but the explicit regeneration of
+the committed results (``python -m ds_study.pairs``) changes a tracked file.
 """
 
 from __future__ import annotations
@@ -149,6 +154,31 @@ def score(task: data.TaskSpec, prediction: str, record: dict) -> float:
     return metrics.score_example(prediction, record["answers"], task.metric, dataset=task.name)
 
 
+def default_cells_root() -> Path:
+    """The user's cell store: ``$DS_STUDY_HOME/cells``, default ``~/.cache/ds_study/cells``."""
+    return Path(os.environ.get("DS_STUDY_HOME") or Path.home() / ".cache" / "ds_study") / "cells"
+
+
+def cells_roots(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """(where new cells go, the read-only seed or None): ``cells_root`` (null: the user's store,
+    ``default_cells_root``) and ``cells_seed`` (null: none; the same directory as ``cells_root``:
+    none, that store is written anyway)."""
+    root = Path(str(cfg.get("cells_root") or default_cells_root())).expanduser()
+    seed = cfg.get("cells_seed")
+    seed = Path(str(seed)).expanduser() if seed else None
+    if seed is not None and seed.resolve() == root.resolve():
+        seed = None
+    return root, seed
+
+
+def cell_store(cfg: DictConfig, pair: ModelPair, task: data.TaskSpec, split: str | None = None) -> "CellStore":
+    """The pair's CellStore for ``split`` (default ``cfg.split``) under the configured roots."""
+    root, seed = cells_roots(cfg)
+    name = cfg.model_pair.name
+    return CellStore(root / name, pair, task, split or cfg.split, cfg.max_length,
+                     seed=None if seed is None else seed / name)
+
+
 class CellStore:
     """Append-only JSONL of evaluated (plan, example) cells, keyed so reruns skip finished work.
 
@@ -156,35 +186,52 @@ class CellStore:
     the generation length (the hashed key), and to the split, dtype and device (named), so a changed
     model, scoring rule or numeric setting never reuses stale cells; each row also records its
     example's input (``Example.input_sha``), so edited data never does either.
+
+    ``seed``: a directory of the same layout (the committed ``results/cells/<pair>``) whose file of
+    the same name is read, never written; a cell is looked up in ``root``'s file first, then there.
     """
 
-    def __init__(self, root: Path, pair: ModelPair, task: data.TaskSpec, split: str, max_length: int):
+    def __init__(self, root: Path, pair: ModelPair, task: data.TaskSpec, split: str, max_length: int,
+                 seed: Path | None = None):
         ident = json.dumps([pair.receiver_id["weights_sha256"], pair.sender_id["weights_sha256"],
                             task.metric, metrics.get_metric(task.metric).version, max_length, task.max_new_tokens])
         key = hashlib.sha256(ident.encode()).hexdigest()[:12]
         p = next(pair.receiver.parameters())
         numerics = f"{str(p.dtype).removeprefix('torch.')}_{p.device.type}"
         self.path = Path(root) / f"{task.name}_{split}_{key}_{numerics}.jsonl"
+        self.seed_path = None if seed is None else Path(seed) / self.path.name
+        if self.seed_path is not None and self.seed_path.resolve() == self.path.resolve():
+            self.seed_path = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.cells: dict[tuple[str, str], dict] = {}
+        self.cells: dict[tuple[str, str], dict] = {}  # the user's store (written)
+        self.seed_cells: dict[tuple[str, str], dict] = {}  # the seed (read only)
+        if self.seed_path is not None and self.seed_path.is_file():
+            self.seed_cells = self._parse(self.seed_path.read_text())
         self.reload()
+
+    @staticmethod
+    def _parse(text: str) -> dict[tuple[str, str], dict]:
+        cells = {}
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a cell cut off by a kill: redo it
+                continue
+            cells[(row["plan"], row["id"])] = row
+        return cells
 
     def reload(self) -> None:
         """Read the file again (other processes may have appended cells)."""
         if not self.path.exists():
             return
         text = self.path.read_text()
-        for line in text.splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a cell cut off by a kill: redo it
-                continue
-            self.cells[(row["plan"], row["id"])] = row
+        self.cells.update(self._parse(text))
         if text and not text.endswith("\n"):  # end the cut-off line, or the next cell would join it
             self._append("\n")
 
     def get(self, plan: str, example_id: str) -> dict | None:
-        return self.cells.get((plan, example_id))
+        row = self.cells.get((plan, example_id))
+        return row if row is not None else self.seed_cells.get((plan, example_id))
 
     def line_count(self) -> int:
         """Lines in the file now (worker processes append to it): progress of a parallel fill."""
@@ -221,7 +268,7 @@ class Evaluator:
     covers the profiling split. Recomputed layers are shared between plans of the current example
     (GroupMemo). ``n_run`` and ``n_reused`` count cells computed and cells found in the store;
     ``n_cached`` counts the reused cells that this evaluator (or its workers) did not compute, i.e.
-    results taken from an earlier run.
+    results taken from an earlier run (the user's store or the committed seed).
     """
 
     def __init__(self, pair: ModelPair, task: data.TaskSpec, store: CellStore | None = None, keep: int = 1,
@@ -351,7 +398,9 @@ class Evaluator:
         # leaving this process waiting forever; finished cells are in the file either way
         pool = ProcessPoolExecutor(self.workers - 1, mp_context=multiprocessing.get_context("spawn"))
         try:
-            jobs = [pool.submit(fill_cells, cfg, str(self.store.path.parent), plans, [ex.id for ex in shard], out_err)
+            seed = None if self.store.seed_path is None else str(self.store.seed_path.parent)
+            jobs = [pool.submit(fill_cells, cfg, str(self.store.path.parent), plans, [ex.id for ex in shard], out_err,
+                                seed)
                     for shard in shards[1:] if shard]
             own = 0
             for ex in shards[0]:
@@ -372,14 +421,17 @@ class Evaluator:
         self.store.reload()
 
 
-def fill_cells(cfg: dict, cells_dir: str, plans: list[Plan], example_ids: list[str], out_err: bool) -> int:
-    """A worker process of Evaluator.fill: compute these cells into the pair's cell file in ``cells_dir``."""
+def fill_cells(cfg: dict, cells_dir: str, plans: list[Plan], example_ids: list[str], out_err: bool,
+               seed_dir: str | None = None) -> int:
+    """A worker process of Evaluator.fill: compute these cells into the pair's cell file in ``cells_dir``
+    (cells already in ``seed_dir``'s file, the read-only seed, are not recomputed)."""
     cfg = OmegaConf.create(cfg)
     task = task_of(cfg)
     pair = load_pair_from(cfg)
     wanted = set(example_ids)
     examples = prepare(pair, task, [r for r in records_of(cfg, task) if r["_id"] in wanted], cfg.max_length)
-    ev = Evaluator(pair, task, CellStore(Path(cells_dir), pair, task, cfg.split, cfg.max_length))
+    ev = Evaluator(pair, task, CellStore(Path(cells_dir), pair, task, cfg.split, cfg.max_length,
+                                         seed=None if seed_dir is None else Path(seed_dir)))
     for ex in examples:
         for p in plans:
             ev.cell(p, ex, out_err)

@@ -395,7 +395,7 @@ def holdout_check(cfg, pair, task, table: list[dict], points: dict, n_layers: in
     sc = cfg.search
     hcfg = OmegaConf.merge(cfg, {"split": sc.holdout_split, "limit": sc.get("holdout_limit")})
     examples = runner.prepare(pair, task, runner.records_of(hcfg, task), cfg.max_length)
-    store = runner.CellStore(Path(cfg.cells_root) / cfg.model_pair.name, pair, task, sc.holdout_split, cfg.max_length)
+    store = runner.cell_store(cfg, pair, task, sc.holdout_split)
     ev = runner.Evaluator(pair, task, store, workers=runner.workers_of(cfg), worker_cfg=hcfg)
     plans = {n: plan_of(points[n].groups, n_layers)
              for n in sorted({r[c] for r in table for c in ("exhaustive_plan", "greedy_plan")})}
