@@ -1,12 +1,14 @@
 """The study of DroidSpeak §3 on one pair: why reuse needs recomputation, and which layers.
 
     python -m ds_study.study                            # study=all on the default embedded pair
-    python -m ds_study.study study=sensitivity model_pair=tiny_sum
+    python -m ds_study.study study=sensitivity model_pair=smol_sum
     python -m ds_study.study model_pair=custom model_pair.receiver=DIR model_pair.sender=DIR \\
         model_pair.task=hotpotqa 'study.quality.datasets=[hotpotqa,2wikimqa]' 'study.transfer.datasets=[...]'
 
-Jobs (conf/study/*.yaml), each writing stable files under ``results/study/<pair>/`` that
-``python -m ds_study.figures`` reads:
+Jobs (conf/study/*.yaml), each writing its files into the run's own directory,
+``<run>/study/<pair>/...`` (``python -m ds_study.figures --results <run>`` plots them). Only with
+``study.publish=true`` (the explicit "regenerate the committed results" step) are they also copied
+to the stable ``results/study/<pair>/`` (or ``study_root``) that ``python -m ds_study.figures`` reads:
 
 - quality (Fig. 6): receiver alone, receiver on the sender's whole cache, sender alone, per dataset
   -> ``<dataset>/quality.json``.
@@ -41,12 +43,11 @@ JOBS = ("quality", "sensitivity", "propagation", "transfer")
 class Study:
     """One loaded pair plus, per dataset, its examples and evaluator."""
 
-    def __init__(self, cfg: DictConfig, pair=None):
+    def __init__(self, cfg: DictConfig, pair=None, root: Path | None = None):
         self.cfg = cfg
         self.pair = pair if pair is not None else runner.load_pair_from(cfg)
         self.L = self.pair.n_layers
-        root = cfg.get("study_root") or Path(cfg.results_root).parent / "study"
-        self.root = Path(root) / cfg.model_pair.name
+        self.root = None if root is None else Path(root)  # where the jobs write: <run>/study/<pair> (main sets it)
         self._ctx: dict[str, tuple] = {}
 
     def datasets(self, names) -> list[str]:
@@ -61,13 +62,14 @@ class Study:
             cfg.dataset_path = self.cfg.dataset_path if dataset == self.cfg.model_pair.task else None
             task = runner.validate(cfg)
             examples = runner.prepare(self.pair, task, runner.records_of(cfg, task), cfg.max_length)
-            store = runner.CellStore(Path(cfg.cells_root) / cfg.model_pair.name, self.pair, task, cfg.split,
-                                     cfg.max_length)
+            store = runner.cell_store(cfg, self.pair, task)
             self._ctx[dataset] = (task, examples, runner.Evaluator(self.pair, task, store, workers=runner.workers_of(cfg),
                                                                    worker_cfg=cfg))
         return self._ctx[dataset]
 
     def out(self, *parts) -> Path:
+        if self.root is None:
+            raise RuntimeError("Study.root is not set: main() points it at the run directory")
         p = self.root.joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
@@ -205,6 +207,31 @@ class Study:
         return df
 
 
+def publish_root(cfg: DictConfig) -> Path:
+    """Where ``study.publish=true`` writes the stable per-pair files the figures read: ``study_root``,
+    or ``<results_root>/../study`` (the committed ``results/study``)."""
+    return Path(cfg.study_root) if cfg.get("study_root") else Path(cfg.results_root).parent / "study"
+
+
+def publish(cfg: DictConfig, src: Path) -> Path:
+    """``study.publish=true``: copy the files this run wrote under ``src`` (``<run>/study/<pair>``) to
+    ``<publish_root>/<pair>/``, replacing those files only (a run of some jobs keeps the others' files),
+    with paths inside the checkout made relative (files meant to be committed)."""
+    import json
+    import shutil
+
+    out = publish_root(cfg) / cfg.model_pair.name
+    for f in sorted(p for p in Path(src).rglob("*") if p.is_file()):
+        dest = out / f.relative_to(src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if f.suffix == ".json":
+            runner.write_json(dest, search.portable(json.loads(f.read_text()), runner.REPO_ROOT))
+        else:
+            shutil.copyfile(f, dest)
+    print(f"published the study to {out}")
+    return out
+
+
 def command() -> str:
     """The command line that produced a result file (Hydra overrides included)."""
     import sys
@@ -270,6 +297,12 @@ def check_config(cfg: DictConfig, n_layers: int) -> None:
     def fail(key: str, want: str, got) -> None:
         raise ValueError(f"study.{key} must be {want}, got {got!r}")
 
+    if not isinstance(sc.get("publish", False), bool):
+        fail("publish", "true or false", sc.publish)
+    if cfg.get("study_root") and not sc.get("publish"):
+        raise ValueError("study_root is where study.publish=true writes the stable result files; a study writes "
+                         "its own files into its run directory. Add study.publish=true or drop study_root")
+
     for job in sc.jobs:
         names = sc[job].get("datasets") if job in sc else None
         unknown = [d for d in (names or []) if d not in data.TASKS]
@@ -304,6 +337,7 @@ def main(cfg: DictConfig, pair=None) -> dict:
     t0 = time.perf_counter()
     st = Study(cfg, pair)
     run = runner.start_run(cfg, "study", runner.task_of(cfg))
+    st.root = run / "study" / cfg.model_pair.name  # never the committed results/study (study.publish=true copies there)
     runner.write_json(run / "env.json", runner.environment(cfg.device))
     print(f"study {'+'.join(jobs)} on {cfg.model_pair.name} (receiver {st.pair.receiver_id['name']} <- sender "
           f"{st.pair.sender_id['name']}), split {cfg.split} -> {st.root}")
@@ -322,7 +356,10 @@ def main(cfg: DictConfig, pair=None) -> dict:
         timings[job] = round(time.perf_counter() - t, 1)
     evs = [c[2] for c in st._ctx.values()]
     summary.update(seconds=round(time.perf_counter() - t0, 1), job_seconds=timings,
-                   cells_computed=sum(e.n_run for e in evs), cells_reused=sum(e.n_reused for e in evs))
+                   cells_computed=sum(e.n_run for e in evs), cells_reused=sum(e.n_reused for e in evs),
+                   cells_from_earlier_runs=sum(e.n_cached for e in evs))
+    if cfg.study.get("publish"):
+        summary["published"] = str(publish(cfg, st.root))
     runner.write_json(run / "summary.json", summary)
     print(f"study done in {summary['seconds']} s: {summary['cells_computed']} cells computed, "
           f"{summary['cells_reused']} reused; results {st.root}, run {run}")

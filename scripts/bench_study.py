@@ -7,9 +7,11 @@ Runs, as separate processes exactly as a user would:
   1. python -m ds_study.profile model_pair=PAIR search.granularity=[1,2] search.method=both
      (baselines, deviation, sensitivity, exhaustive g=1 (g=2 is a subset), greedy, selection)
   2. python -m ds_study.study model_pair=PAIR     (quality, sensitivity, propagation, transfer)
-with cells/results under a fresh scratch directory (or --root), so nothing is reused from earlier
-runs. Prints the time and the number of cells evaluated (and reused) per command and writes
-results/study/bench_<pair>.json.
+with cells/results under a fresh scratch directory (or --root) and no committed seed cells
+(cells_seed=null), so nothing is reused from earlier runs; with --root the root's search/ and study/
+also get the stable per-pair files (search.publish=true, study.publish=true). Prints the time and
+the number of cells evaluated (and reused) per command and writes <root>/study/bench_<pair>.json
+(--root results: the committed results/study/bench_<pair>.json; without --root: the scratch dir).
 """
 
 from __future__ import annotations
@@ -41,20 +43,24 @@ def main() -> None:
     ap.add_argument("--root", default=None,
                     help="results root for cells/, runs/, search/, study/ (default: a new temp dir; "
                          "'results' fills the committed results in place, timing only what is not there yet)")
-    ap.add_argument("--out", default=str(ROOT / "results" / "study"))
+    ap.add_argument("--out", default=None, help="directory of bench_<pair>.json (default: <root>/study)")
     a = ap.parse_args()
 
     scratch = Path(a.root or tempfile.mkdtemp(prefix="ds_bench_"))
-    common = [f"model_pair={a.pair}", f"cells_root={scratch / 'cells'}", f"results_root={scratch / 'runs'}"]
+    common = [f"model_pair={a.pair}", f"cells_root={scratch / 'cells'}", "cells_seed=null",
+              f"results_root={scratch / 'runs'}"]
     common += [f"threads={a.threads}"] if a.threads else []
     common += [f"limit={a.limit}"] if a.limit else []
     common += [f"workers={a.workers}"] if a.workers else []
     # the profile step runs the full search (exhaustive g=1 and g=2, greedy) that the default profile
     # run leaves out (it profiles at g=2, as the paper)
     full_search = ["search.granularity=[1,2]", "search.method=both"]
-    if a.root:  # the root's search/ gets the stable per-pair files too (--root results: the committed ones)
+    publish = []
+    if a.root:  # the root's search/ and study/ get the stable per-pair files too (--root results: the committed ones)
         full_search.append("search.publish=true")
-    steps = [("profile", ["-m", "ds_study.profile", *common, *full_search]), ("study", ["-m", "ds_study.study", *common])]
+        publish.append("study.publish=true")
+    steps = [("profile", ["-m", "ds_study.profile", *common, *full_search]),
+             ("study", ["-m", "ds_study.study", *common, *publish])]
     report = {"pair": a.pair, "threads": a.threads, "workers": a.workers, "limit": a.limit, "cpu_count": os.cpu_count(),
               "machine": platform.processor() or platform.machine(), "root": str(scratch),
               "load_average_before": os.getloadavg(), "steps": {}}
@@ -71,7 +77,7 @@ def main() -> None:
     report["load_average_after"] = os.getloadavg()  # other jobs on the machine slow the benchmark down
     report["cells_computed"] = sum(s["cells_computed"] for s in report["steps"].values())
     report["time_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out = Path(a.out) / f"bench_{a.pair}.json"
+    out = Path(a.out or scratch / "study") / f"bench_{a.pair}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"total    {report['wall_seconds']:7.1f} s  {report['cells_computed']:6d} cells computed -> {out}")

@@ -2,7 +2,7 @@
 
     python scripts/golden.py check results/runs          # newest default-pair run under a results root
     python scripts/golden.py check RUN_DIR               # one run directory
-    python scripts/golden.py write RUN_DIR               # (maintainers) refresh results/golden/profile_tiny.json
+    python scripts/golden.py write RUN_DIR               # (maintainers) refresh the golden file of the run's pair
 
 A default `python -m ds_study.profile` run is deterministic on one machine, so its numbers are a
 regression test of the whole stack (zoo weights, tokenizer, prompts, cache capture, partial prefill,
@@ -31,7 +31,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT / "results" / "golden" / "profile_tiny.json"
+GOLDEN_DIR = ROOT / "results" / "golden"
+
+
+def default_pair() -> str:
+    """The pair conf/profile.yaml profiles by default (``- model_pair: NAME``)."""
+    text = (ROOT / "conf" / "profile.yaml").read_text()
+    return re.search(r"^\s*-\s*model_pair:\s*(\S+)", text, re.M).group(1)
+
+
+def golden_path(pair: str | None = None) -> Path:
+    return GOLDEN_DIR / f"profile_{pair or default_pair()}.json"
 DEVIATION_COLUMNS = ("k_dev", "v_dev", "e_dev", "attn_cos")
 
 
@@ -47,25 +57,26 @@ def golden_numbers(run: Path) -> dict:
            "quality": quality, "deviation": {str(k): dev[k] for k in sorted(dev)}}
     if "sensitivity" in search:
         out["sensitivity"] = search["sensitivity"]["layer_scores"]
-    front = search.get("exhaustive", {}).get("2")
-    if front:
-        out["frontier_g2"] = {str(r["k"]): r["budget_score"] for r in front["frontier"]}
-        out["selected_g2"] = {str(s["delta"]): s["plan"] for s in front["selected"]}
+    for g, front in sorted(search.get("exhaustive", {}).items()):
+        out[f"frontier_g{g}"] = {str(r["k"]): r["budget_score"] for r in front["frontier"]}
+        out[f"selected_g{g}"] = {str(s["delta"]): s["plan"] for s in front["selected"]}
     return out
 
 
-def newest_default_run(root: Path) -> Path:
-    """The newest default-pair profile run directory under a results root (``..._pycode`` or, when two
-    runs started in the same second, ``..._pycode_N``). It must have finished: an unfinished newest
-    run is an error, never a reason to check an older one."""
+def newest_default_run(root: Path, pair: str, dataset: str) -> Path:
+    """The newest profile run of ``pair`` on ``dataset`` under a results root (``..._<dataset>`` or, when
+    two runs started in the same second, ``..._<dataset>_N``). It must have finished: an unfinished
+    newest run is an error, never a reason to check an older one."""
+    tail = f"_profile_{pair}_{dataset}"
+
     def order(p: Path) -> tuple:
-        stem, _, n = p.name.rpartition("_pycode")
+        stem, _, n = p.name.rpartition(f"_{dataset}")
         return stem, int(n[1:]) if n.startswith("_") and n[1:].isdigit() else 0
 
-    runs = sorted((p for p in root.glob("*_profile_tiny_pycode*") if p.is_dir()
-                   and re.fullmatch(r".*_profile_tiny_pycode(_\d+)?", p.name)), key=order)
+    runs = sorted((p for p in root.glob(f"*{tail}*") if p.is_dir()
+                   and re.fullmatch(rf".*{re.escape(tail)}(_\d+)?", p.name)), key=order)
     if not runs:
-        raise SystemExit(f"no default-pair profile run (*_profile_tiny_pycode) under {root}; "
+        raise SystemExit(f"no profile run of the default pair (*{tail}) under {root}; "
                          "run `python -m ds_study.profile` first")
     if not (runs[-1] / "summary.json").exists():
         raise SystemExit(f"the newest default-pair run {runs[-1]} did not finish (no summary.json); "
@@ -102,9 +113,10 @@ def compare(got: dict, want: dict, tol: float, rtol: float) -> tuple[list[str], 
             close(f"deviation[layer {layer}].{c}", got["deviation"].get(layer, {}).get(c), v, "rel")
     for i, v in enumerate(want.get("sensitivity", [])):
         close(f"sensitivity[layer {i}]", (got.get("sensitivity") or [None] * (i + 1))[i], v, "abs")
-    for k, v in want.get("frontier_g2", {}).items():
-        close(f"frontier_g2[k={k}]", got.get("frontier_g2", {}).get(k), v, "abs")
-    if got.get("selected_g2") != want.get("selected_g2"):
+    for key in sorted(k for k in want if k.startswith("frontier_g")):
+        for k, v in want[key].items():
+            close(f"{key}[k={k}]", got.get(key, {}).get(k), v, "abs")
+    if any(got.get(k) != want.get(k) for k in want if k.startswith("selected_g")):
         exact = False  # a tie within noise may pick another plan; the scores above carry the check
     return problems, exact
 
@@ -113,14 +125,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=("check", "write"))
     ap.add_argument("path", type=Path, help="a run directory, or a results root holding runs")
-    ap.add_argument("--golden", type=Path, default=GOLDEN)
-    ap.add_argument("--tol", type=float, default=2.0, help="quality tolerance, points")
+    ap.add_argument("--golden", type=Path, default=None, help="default: results/golden/profile_<default pair>.json")
+    ap.add_argument("--tol", type=float, default=None,
+                    help="quality tolerance, points (default: one example's weight, 100 / n_examples)")
     ap.add_argument("--rtol", type=float, default=1e-3, help="deviation tolerance, relative")
     ap.add_argument("--fresh", action="store_true",
                     help="fail unless the run computed every quality cell itself (none read from cells_root)")
     args = ap.parse_args(argv)
-    run = args.path if (args.path / "summary.json").exists() else newest_default_run(args.path)
+    if args.path.is_dir() and (args.path / "summary.json").exists():
+        run = args.path
+    else:
+        gold = json.loads((args.golden or golden_path()).read_text()) if (args.golden or golden_path()).exists() else {}
+        run = newest_default_run(args.path, gold.get("pair", default_pair()), gold.get("dataset", "pycode"))
     got = golden_numbers(run)
+    args.golden = args.golden or golden_path(got["pair"] if args.action == "write" else None)
     if args.action == "write":
         env = json.loads((run / "env.json").read_text()) if (run / "env.json").exists() else {}
         got["produced_by"] = {"command": "python -m ds_study.profile", "env": env}
@@ -129,6 +147,8 @@ def main(argv=None) -> int:
         print(f"wrote {args.golden} from {run}")
         return 0
     want = json.loads(args.golden.read_text())
+    if args.tol is None:
+        args.tol = round(100.0 / max(1, want.get("n_examples") or 50), 2)
     problems, exact = compare(got, want, args.tol, args.rtol)
     if problems:
         print(f"GOLDEN CHECK FAILED: {run} against {args.golden}")
@@ -138,14 +158,14 @@ def main(argv=None) -> int:
     reused = summary.get("cells_from_earlier_runs", summary.get("cells_reused", 0))  # older runs: every reuse
     if reused and args.fresh:
         print(f"GOLDEN CHECK FAILED: {run} read {reused} quality cells from its cell cache instead of computing "
-              f"them; rerun with an empty cells_root (python -m ds_study.profile cells_root=DIR)")
+              f"them; rerun with an empty cells_root and no seed (python -m ds_study.profile cells_root=DIR cells_seed=null)")
         return 1
     print(f"golden check passed: {run} matches {args.golden} "
           + ("exactly" if exact else f"within tolerance (quality {args.tol} points, deviation rtol {args.rtol:g})"))
     if reused:
         print(f"  note: {reused} quality cells came from the cell cache (cells_root), so only the deviation "
               f"numbers were computed by this checkout; for a check of decoding and partial prefill too, run "
-              f"`python -m ds_study.profile cells_root=/tmp/fresh-cells` and check with --fresh (as CI does)")
+              f"`python -m ds_study.profile cells_root=/tmp/fresh-cells cells_seed=null` and check with --fresh (as CI does)")
     return 0
 
 

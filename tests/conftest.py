@@ -15,9 +15,11 @@ def compose_cfg():
 
     from ds_study.runner import CONF_DIR
 
+    from tiny_pair import with_fixture_defaults
+
     def make(name: str, *overrides: str):
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            return compose(name, overrides=list(overrides))
+            return compose(name, overrides=with_fixture_defaults(name, list(overrides)))
 
     return make
 

@@ -22,12 +22,12 @@ def run_cli(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("module, args, says", [
     ("ds_study.profile", ["plan=banana"], "unknown setting 'plan'"),  # profile's key is `plans`
-    ("ds_study.evaluate", ["plan=banana"], "cannot parse plan 'banana'"),
-    ("ds_study.evaluate", ["plan=99-100"], "outside layers 0..7"),
-    ("ds_study.evaluate", ["model_pair.sender=/tmp/does-not-exist"], "model_pair.sender=/tmp/does-not-exist: does not exist"),
+    ("ds_study.evaluate", ["model_pair=tiny", "plan=banana"], "cannot parse plan 'banana'"),
+    ("ds_study.evaluate", ["model_pair=tiny", "plan=99-100"], "outside layers 0..7"),
+    ("ds_study.evaluate", ["model_pair=tiny", "model_pair.sender=/tmp/does-not-exist"], "model_pair.sender=/tmp/does-not-exist: does not exist"),
     ("ds_study.evaluate", ["model_pair=custom"], "needs model_pair.receiver, model_pair.sender"),
     ("ds_study.evaluate", ["model_pair=nope"], "available: custom,"),
-    ("ds_study.study", ["split=dev"], "split must be 'profile' or 'test'"),
+    ("ds_study.study", ["model_pair=tiny", "split=dev"], "split must be 'profile' or 'test'"),
     ("ds_study.zoo", ["verify_only=true", "colour=red"], "unknown setting 'colour'"),
 ])
 def test_user_errors_are_one_or_two_lines_without_a_traceback(tmp_path, module, args, says):
@@ -41,7 +41,7 @@ def test_user_errors_are_one_or_two_lines_without_a_traceback(tmp_path, module, 
 
 
 def test_verbose_shows_the_traceback(tmp_path):
-    r = run_cli("ds_study.evaluate", "plan=banana", "--verbose", cwd=tmp_path)
+    r = run_cli("ds_study.evaluate", "model_pair=tiny", "plan=banana", "--verbose", cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" in r.stderr and "PlanError: cannot parse plan 'banana'" in r.stderr
 
 

@@ -58,13 +58,19 @@ def test_golden_check_without_a_run_says_what_to_run(tmp_path):
         check(tmp_path, tmp_path / "golden.json")
 
 
-def test_committed_golden_file_describes_the_committed_family():
-    from ds_study.pair import weights_sha256
-    from ds_study.zoo import variant_path
+def test_committed_golden_file_describes_the_default_pair():
+    """The golden file is that of the default pair (conf/profile.yaml), computed from the committed
+    models: the smol base (fetched, verified) with the committed adapters merged."""
+    from omegaconf import OmegaConf
 
-    want = json.loads(golden.GOLDEN.read_text())
-    assert want["models"] == {"receiver": weights_sha256(variant_path("code")),
-                              "sender": weights_sha256(variant_path("qa"))}
+    from ds_study.pair import local_dir, resolve, weights_sha256
+
+    pair = golden.default_pair()
+    want = json.loads(golden.golden_path().read_text())
+    mp = OmegaConf.load(ROOT / "conf" / "model_pair" / f"{pair}.yaml")
+    assert want["pair"] == pair and want["dataset"] == mp.task
+    assert want["models"] == {"receiver": weights_sha256(local_dir(resolve(mp.receiver))),
+                              "sender": weights_sha256(local_dir(resolve(mp.sender)))}
 
 
 def test_golden_check_takes_the_newest_run_and_never_falls_back_to_an_older_one(tmp_path, capsys):

@@ -16,9 +16,10 @@ def test_committed_family_verifies_and_loads_offline():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = verify()
-    assert {"base", "qa", "sum", "code"} <= set(manifest["variants"])
-    methods = {v.get("method") for v in manifest["variants"].values()}
-    assert {"full", "lora"} <= methods
+    assert set(manifest["variants"]) == {"qa", "code"}  # the fixture: pair tiny only
+    assert set(manifest["not_committed"]["variants"]) == {"base", "sum"}  # recorded, checked by a rebuild
+    with pytest.raises(ZooError, match="not committed"):
+        variant_path("sum")
     model = AutoModelForCausalLM.from_pretrained(variant_path("qa"))
     tok = AutoTokenizer.from_pretrained(variant_path("qa"))
     c = model.config
@@ -29,26 +30,27 @@ def test_committed_family_verifies_and_loads_offline():
     assert tok("def f(x):")["input_ids"][0] == tok.bos_token_id
 
 
-def test_variants_differ_from_base_in_every_layer():
+def test_fixture_variants_differ_in_every_layer():
     from safetensors.torch import load_file
 
-    base = load_file(str(variant_path("base") / "model.safetensors"))
-    for name in ("qa", "sum", "code"):
-        ft = load_file(str(variant_path(name) / "model.safetensors"))
-        changed = {k.split(".")[2] for k in base if "layers." in k and not torch.equal(base[k], ft[k])}
-        assert len(changed) == 8, f"{name}: only layers {sorted(changed)} differ from base"
+    qa = load_file(str(variant_path("qa") / "model.safetensors"))
+    code = load_file(str(variant_path("code") / "model.safetensors"))
+    for i in range(8):
+        assert not torch.equal(qa[f"model.layers.{i}.self_attn.k_proj.weight"], code[f"model.layers.{i}.self_attn.k_proj.weight"])
 
 
 def test_corrupt_zoo_file_says_how_to_rebuild(tmp_path):
     copy = tmp_path / "zoo"
     shutil.copytree(ZOO_DIR, copy)
     weights = copy / "code" / "model.safetensors"
-    raw = bytearray(weights.read_bytes())
+    good = weights.read_bytes()
+    raw = bytearray(good)
     raw[-10] ^= 0x01
     weights.write_bytes(bytes(raw))
     with pytest.raises(ZooError, match="corrupt.*rebuild"):
         verify(copy)
-    (copy / "base" / "config.json").unlink()
+    weights.write_bytes(good)
+    (copy / "qa" / "config.json").unlink()
     with pytest.raises(ZooError, match="missing"):
         verify(copy)
 

@@ -41,7 +41,7 @@ def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     receiver, sender = build_tiny_pair(root)
     common = pair_overrides(receiver, sender, root) + ["limit=2", "threads=1", "workers=1"]
-    summary = study.main(compose("study", common + [f"study_root={root / 'results' / 'study'}"]))
+    summary = study.main(compose("study", common + [f"study_root={root / 'results' / 'study'}", "study.publish=true"]))
     profile.main(compose("profile", common + [f"search.out_root={root / 'results' / 'search'}", "search.publish=true",
                                               "search.method=exhaustive", "deviation=false"]))
     return root, summary
@@ -73,9 +73,32 @@ def test_study_rerun_computes_nothing(results, monkeypatch):
     real_run = runner.Evaluator.run
     monkeypatch.setattr(runner.Evaluator, "run", lambda self, p, ex: calls.append(p.name) or real_run(self, p, ex))
     cfg = compose("study", pair_overrides(root / "receiver", root / "sender", root)
-                  + ["limit=2", "workers=1", f"study_root={root / 'results' / 'study'}"])
+                  + ["limit=2", "workers=1", f"study_root={root / 'results' / 'study'}", "study.publish=true"])
     again = study.main(cfg)
     assert calls == [] and again["cells_computed"] == 0
+
+
+def test_study_writes_only_its_run_directory_unless_published(results, tmp_path):
+    """Without study.publish=true nothing outside the run directory changes (issue 17); with it, the
+    stable files are copied to <results_root>/../study/<pair>/ (the committed results/study)."""
+    from tiny_pair import compose, pair_overrides
+
+    root, _ = results
+    common = pair_overrides(root / "receiver", root / "sender", root) + [
+        "limit=2", "workers=1", "study=quality", "study.quality.datasets=[pyqa]", f"results_root={tmp_path}/runs"]
+    s = study.main(compose("study", common))
+    assert s["cells_computed"] == 0 and s["cells_from_earlier_runs"] > 0 and "published" not in s
+    (run,) = (tmp_path / "runs").iterdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no tmp_path/study: nothing published
+    q = json.loads((run / "study" / "tinytest" / "pyqa" / "quality.json").read_text())
+    assert q["n_examples"] == 2
+    made = figures.make_all(run, tmp_path / "figs")  # the run directory is a results root of its own
+    assert any(p.name == "fig6_quality.png" for p in made)
+
+    s = study.main(compose("study", common + ["study.publish=true"]))
+    pub = tmp_path / "study" / "tinytest" / "pyqa" / "quality.json"
+    assert s["published"] == str(tmp_path / "study" / "tinytest")
+    assert json.loads(pub.read_text())["scores"] == q["scores"]
 
 
 def test_figures_from_result_files_only(results, tmp_path, monkeypatch):
@@ -107,6 +130,8 @@ def test_figures_report_missing_sources(tmp_path):
     ("study.sensitivity.percentiles=[5,150]", "study.sensitivity.percentiles must be"),
     ("study.transfer.granularity=0", "study.transfer.granularity must be"),
     ("study.quality.plans=[full_prefill,'6-9']", "outside"),
+    ("study.publish=1", "study.publish must be true or false"),
+    ("study_root=/tmp/elsewhere", "Add study.publish=true or drop study_root"),
 ])
 def test_bad_study_settings_refused_before_any_model_loads(refused_before_weights, override, message):
     refused_before_weights(study.main, "study", override, message)

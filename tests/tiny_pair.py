@@ -49,12 +49,27 @@ def write_dataset(path: Path, n: int = 3) -> Path:
     return path
 
 
+# The tests run on the 2M fixture (pair `tiny`) with the full profile's search settings, unless a
+# test says otherwise: the shipped default is a reduced profile of a smol pair (conf/profile.yaml).
+# Committed cells (cells_seed) are never read by tests: each computes what it checks.
+FIXTURE_DEFAULTS = {"profile": {"model_pair": "tiny", "limit": "null", "search.granularity": "[2]",
+                                "search.sensitivity": "true", "cells_seed": "null"},
+                    "profile_full": {"model_pair": "tiny", "cells_seed": "null"},
+                    "evaluate": {"model_pair": "tiny", "cells_seed": "null"},
+                    "study": {"model_pair": "tiny", "cells_seed": "null"}}
+
+
+def with_fixture_defaults(config_name: str, overrides: list[str]) -> list[str]:
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    return [f"{k}={v}" for k, v in FIXTURE_DEFAULTS.get(config_name, {}).items() if k not in given] + list(overrides)
+
+
 def compose(config_name: str, overrides: list[str]):
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(runner.CONF_DIR), version_base="1.3"):
-        return hcompose(config_name=config_name, overrides=overrides)
+        return hcompose(config_name=config_name, overrides=with_fixture_defaults(config_name, overrides))
 
 
 def pair_overrides(receiver: Path, sender: Path, tmp: Path) -> list[str]:
