@@ -60,16 +60,23 @@ def _round_adapter(model, dtype: torch.dtype) -> None:
                 p.copy_(p.to(dtype).to(p.dtype))
 
 
+def canonical_adapter_config(cfg_path: Path) -> None:
+    """The same adapter gives the same bytes: the base as ``smol:base`` (not this machine's cache
+    path) and target modules sorted (peft keeps them as a set, whose order follows the hash seed)."""
+    acfg = json.loads(cfg_path.read_text())
+    acfg["base_model_name_or_path"] = "smol:base"
+    if isinstance(acfg.get("target_modules"), list):
+        acfg["target_modules"] = sorted(acfg["target_modules"])
+    cfg_path.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
+
+
 def _save_adapter(model, path: Path, dtype: torch.dtype) -> None:
     from safetensors.torch import load_file, save_file
 
     model.save_pretrained(path, safe_serialization=True)
     f = path / "adapter_model.safetensors"
     save_file({k: v.to(dtype).contiguous() for k, v in sorted(load_file(f).items())}, f)
-    cfg_path = path / "adapter_config.json"
-    acfg = json.loads(cfg_path.read_text())
-    acfg["base_model_name_or_path"] = "smol:base"  # not this machine's cache path
-    cfg_path.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
+    canonical_adapter_config(path / "adapter_config.json")
     readme = path / "README.md"  # peft's model card template: not part of the adapter
     if readme.exists():
         readme.unlink()
