@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -275,8 +276,14 @@ def merge(base: Path, adapter: Path, out: Path, adapter_sha: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"merging adapter {adapter.name} into the smol base (once; cached in {out.parent}) ...", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    # merged in float64 and rounded once to float32: the sum W + scale * B @ A then comes out the
+    # same on any CPU (float32 products summed in another order would differ in the last bit), so a
+    # merged variant has the same weights, identity and cell keys everywhere
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(model, adapter, autocast_adapter_dtype=False)
+        model = model.to(torch.float64).merge_and_unload().to(torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merge-") as tmp:
         stage = Path(tmp) / "m"
