@@ -1,6 +1,6 @@
 """The pair table: receiver alone, receiver on the sender's whole KV, sender alone (paper Fig. 6).
 
-    python -m ds_study.pairs --pairs smol_qa smol_sum smol_code smol_sum_code smol_qa_code --split test
+    python -m ds_study.pairs --pairs smol_sum_code smol_sum smol_qa smol_code smol_qa_code --split test --out results/pairs_smol
 
 For each pair, on its task's split, three baselines are evaluated in batches (``ds_study.batched``):
 ``full_prefill`` (the receiver alone), ``full_reuse`` (the receiver decoding from the sender's whole
@@ -135,10 +135,10 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", nargs="+", default=["smol_qa", "smol_sum", "smol_code", "smol_sum_code", "smol_qa_code"])
+    ap.add_argument("--pairs", nargs="+", default=["smol_sum_code", "smol_sum", "smol_qa", "smol_code", "smol_qa_code"])
     ap.add_argument("--split", default="test", choices=["test", "profile"])
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--cells-root", default="results/cells")
     ap.add_argument("--out", default=None, help="write <out>.json and <out>.md (default: print only)")
     args = ap.parse_args(argv)
@@ -146,22 +146,30 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--limit must be a positive number of examples")
     if args.batch_size < 1:
         ap.error("--batch-size must be positive")
-    rows = [evaluate_pair(p, args.split, args.limit, args.batch_size, args.cells_root) for p in args.pairs]
+    rows = []
+    for p in args.pairs:  # the table is written after every pair: a long run keeps what it finished
+        rows.append(evaluate_pair(p, args.split, args.limit, args.batch_size, args.cells_root))
+        write(rows, args)
+    print(table(rows))
+
+
+def write(rows: list[dict], args) -> None:
     text = table(rows)
-    print(text)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        command = (f"python -m ds_study.pairs --pairs {' '.join(args.pairs)} --split {args.split}"
+        command = (f"python -m ds_study.pairs --pairs {' '.join(args.pairs)} --split {args.split} --batch-size {args.batch_size}"
                    + (f" --limit {args.limit}" if args.limit else "") + f" --out {args.out}")
         out.with_suffix(".json").write_text(json.dumps({"command": command, "env": runner.environment("cpu"),
                                                         "bootstrap": {"reps": BOOTSTRAP, "level": 0.95},
-                                                        "pairs": rows}, indent=2) + "\n")
+                                                        "pairs": rows, "finished": len(rows),
+                                                        "requested": list(args.pairs)}, indent=2) + "\n")
         note = ("Scores x100 with bootstrap 95% intervals over examples; differences are paired on the same "
                 "examples. NLL: gold answer, nats per token, teacher-forced. KL: from the receiver's own "
                 "full-prefill next-token distribution, nats, mean over the answer's positions.")
-        out.with_suffix(".md").write_text(f"Produced by `{command}`.\n\n{note}\n\n{text}\n")
-        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+        done = "" if len(rows) == len(args.pairs) else f" ({len(rows)} of {len(args.pairs)} pairs finished so far)"
+        out.with_suffix(".md").write_text(f"Produced by `{command}`{done}.\n\n{note}\n\n{text}\n")
+        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", flush=True)
 
 
 if __name__ == "__main__":

@@ -353,7 +353,7 @@ def results_state() -> dict:
             for f in root.rglob("*") if f.is_file()}
 
 
-def test_the_default_profile_writes_only_into_its_own_run_directory(compose_cfg, tmp_path):
+def test_the_default_profile_writes_only_into_its_own_run_directory(compose_cfg, tmp_path, capsys):
     """Issue 17: the profile used to rewrite the committed results/search/<pair>/<dataset>/ files
     (keyed by the pair's name only). Every output now goes into the run directory; only
     search.publish=true writes the stable files, and then only where it is told."""
@@ -364,6 +364,14 @@ def test_the_default_profile_writes_only_into_its_own_run_directory(compose_cfg,
                  "search.sensitivity=false", f"results_root={tmp_path}/runs", f"cells_root={tmp_path}/cells"]
     summary = profile.main(compose_cfg("profile", *overrides))  # zoo:code <- zoo:qa
     assert results_state() == before
+    out = capsys.readouterr()
+    # the roles are labelled, and every computing phase showed a live bar with its cells done and total
+    assert "(receiver zoo:code <- sender zoo:qa)" in out.out
+    import re
+    for phase in ("baselines", "exhaustive g=2"):
+        done = re.findall(rf"{phase}: 100%\|[^|]*\| (\d+)/(\d+) \[", out.err)
+        assert done and all(a == b and int(a) > 0 for a, b in done), (phase, out.err[-2000:])
+    assert "Token indices sequence length" not in out.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells", "runs"]  # no search/ beside runs/ either
     (run,) = (tmp_path / "runs").iterdir()
     for f in ("search.json", "points_g2.csv", "frontier_g2.csv", "summary.json"):
