@@ -48,7 +48,7 @@ def prefix_cache(model, items: list[Item], pad_id: int):
         ids[i, : len(it.prefix)] = torch.tensor(it.prefix, device=dev)
         mask[i, : len(it.prefix)] = 1
     out = model.model(input_ids=ids, attention_mask=mask, use_cache=True)
-    return out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache, mask
+    return out.cache, mask
 
 
 def _block(items: list[Item], rows: list[list[int]], prefix_mask: torch.Tensor, pad_id: int):
