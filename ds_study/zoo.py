@@ -57,19 +57,29 @@ def file_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
+def first_bad_file(root: Path, files: dict[str, str]) -> tuple[Path, str] | None:
+    """(path, "missing" | "corrupt") of the first file of a manifest's ``files`` map that is absent or
+    whose sha256 differs; None when every file matches. Shared by every manifest check."""
+    for rel, want in files.items():
+        p = Path(root) / rel
+        if not p.is_file():
+            return p, "missing"
+        if sha256_file(p) != want:
+            return p, "corrupt"
+    return None
+
+
 def verify(root: Path = ZOO_DIR) -> dict:
     """Check every file of a built family against its manifest; raise ZooError saying how to fix."""
     mpath = Path(root) / MANIFEST
     if not mpath.exists():
         raise ZooError(f"no model family at {root} (missing {MANIFEST}); {REBUILD_HINT}")
     manifest = json.loads(mpath.read_text())
-    for rel, want in manifest["files"].items():
-        p = Path(root) / rel
-        if not p.exists():
-            raise ZooError(f"zoo file {p} is missing; restore it with `git checkout -- {p}` or {REBUILD_HINT}")
-        if sha256_file(p) != want:
-            raise ZooError(f"zoo file {p} is corrupt (sha256 mismatch with {mpath}); "
-                           f"restore it with `git checkout -- {p}` or {REBUILD_HINT}")
+    bad = first_bad_file(root, manifest["files"])
+    if bad:
+        p, what = bad
+        why = "is missing" if what == "missing" else f"is corrupt (sha256 mismatch with {mpath})"
+        raise ZooError(f"zoo file {p} {why}; restore it with `git checkout -- {p}` or {REBUILD_HINT}")
     return manifest
 
 
