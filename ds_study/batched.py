@@ -1,10 +1,12 @@
-"""Batched evaluation of the baselines (full prefill, sender alone, full reuse) with continuous signals.
+"""Batched evaluation of any plan on a batch of examples, with continuous quality signals.
 
 At batch 1 a 135M model spends most of its time on per-call overhead: a context costs about a
 second of prefill and every decoded token 90 ms. Here B examples go through each model together:
 
 - the contexts are **right-padded** to one length P, so every real token keeps its position
-  (RoPE sees 0..n-1) and no query ever faces a fully masked row (which would give NaN K/V);
+  (RoPE sees 0..n-1) and, attention being causal, never sees the padding after it: the executor's
+  own layer functions (``executor.partial_prefill``, ``GroupMemo``, ``capture``) run the padded
+  batch unchanged, so a recompute group is one pass for the whole batch;
 - the suffix (and, for teacher forcing, the gold answer) follows at columns P.., with position ids
   continuing each row's own context length and a 2-D mask that hides the context padding;
 - greedy decoding then appends one token per row per step, finished rows idling.
@@ -15,9 +17,13 @@ Beside the task metric, each example gets two continuous signals that need no de
 - ``kl``: the mean KL divergence, over the answer's positions, of the plan's next-token
   distribution from the receiver's own full-prefill distribution (0 for full prefill itself).
 
-A plan's prefix cache is shared: ``sender`` and ``full_reuse`` both read the sender's context KV
-(the sender decodes on it, the receiver reuses it). Results agree with the batch-1 executor to
-float precision (tested on the fixture models).
+and, on request, ``out_err``: the relative L2 distance of the suffix's final hidden states from
+the receiver's full prefill (error propagation, paper Fig. 9).
+
+Every plan kind runs here: recompute groups and single-layer reuse batched (plans of one batch
+share recomputed layers through one ``GroupMemo``), ``sender`` on the sender's batched cache, and
+CacheBlend (whose token selection is per context) prefilled one context at a time, then decoded
+with the batch. Results agree with the batch-1 executor to float precision (tests/test_batched.py).
 """
 
 from __future__ import annotations
@@ -26,7 +32,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ds_study.caches import ContextCache
+from ds_study.deviation import rel_l2
+from ds_study.executor import GroupMemo, Plan, capture, parse_plan, partial_prefill
+
 BASELINES = ("full_prefill", "sender", "full_reuse")
+BATCHED_KINDS = ("groups", "reuse_only", "sender")  # prefilled as one batch; cacheblend per context
 
 
 @dataclass
@@ -38,17 +49,15 @@ class Item:
     answer: list[int]
 
 
-def prefix_cache(model, items: list[Item], pad_id: int):
-    """Run the right-padded contexts through ``model``; (cache, context mask [B, P])."""
+def padded(items: list[Item], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded context ids [B, P] and their mask (1 = real token)."""
     B, P = len(items), max(len(it.prefix) for it in items)
-    dev = next(model.parameters()).device
-    ids = torch.full((B, P), pad_id, dtype=torch.long, device=dev)
-    mask = torch.zeros((B, P), dtype=torch.long, device=dev)
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, P), dtype=torch.long, device=device)
     for i, it in enumerate(items):
-        ids[i, : len(it.prefix)] = torch.tensor(it.prefix, device=dev)
+        ids[i, : len(it.prefix)] = torch.tensor(it.prefix, device=device)
         mask[i, : len(it.prefix)] = 1
-    out = model.model(input_ids=ids, attention_mask=mask, use_cache=True)
-    return out.cache, mask
+    return ids, mask
 
 
 def _block(items: list[Item], rows: list[list[int]], prefix_mask: torch.Tensor, pad_id: int):
@@ -65,6 +74,15 @@ def _block(items: list[Item], rows: list[list[int]], prefix_mask: torch.Tensor, 
     return ids, pos, torch.cat([prefix_mask, bmask], dim=1), [len(r) for r in rows]
 
 
+def as_cache(model, layers: list[tuple]):
+    """A transformers DynamicCache over the context's per-layer (K, V); appending to it never
+    changes the given tensors, so one plan's layers can back several passes."""
+    from transformers import DynamicCache
+
+    dev = next(model.parameters()).device
+    return DynamicCache(ddp_cache_data=[(k.to(dev), v.to(dev)) for k, v in layers], config=model.config)
+
+
 def _crop(cache, n: int) -> None:
     """Back to the context's ``n`` columns (transformers 5.x crops by a negative count)."""
     extra = cache.get_seq_length() - n
@@ -72,23 +90,27 @@ def _crop(cache, n: int) -> None:
         cache.crop(-extra)
 
 
-def _forward(model, cache, ids, pos, mask) -> torch.Tensor:
+def _forward(model, cache, ids, pos, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits as float32, final-norm hidden states) of a block after the cached context."""
     out = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-    return model.lm_head(out.last_hidden_state).float()
+    return model.lm_head(out.last_hidden_state).float(), out.last_hidden_state
 
 
-def teacher_forced(model, cache, prefix_mask, items: list[Item], pad_id: int) -> list[torch.Tensor]:
-    """Log-probabilities [len(answer), vocab] of each row's answer positions, suffix + answer fed in."""
+def teacher_forced(model, cache, prefix_mask, items: list[Item], pad_id: int):
+    """Per row: log-probabilities [len(answer), vocab] at the answer's positions (suffix + answer fed
+    in) and the suffix's final-norm hidden states [len(suffix), hidden]."""
     P = prefix_mask.shape[1]
     rows = [it.suffix + it.answer for it in items]
     ids, pos, mask, _ = _block(items, rows, prefix_mask, pad_id)
-    logp = torch.log_softmax(_forward(model, cache, ids, pos, mask), dim=-1)
+    logits, hidden = _forward(model, cache, ids, pos, mask)
+    logp = torch.log_softmax(logits, dim=-1)
     _crop(cache, P)
-    out = []
+    out, suffix_hidden = [], []
     for i, it in enumerate(items):
         s, a = len(it.suffix), len(it.answer)
         out.append(logp[i, s - 1: s - 1 + a])  # position s-1+k predicts answer[k]
-    return out
+        suffix_hidden.append(hidden[i, :s])
+    return out, suffix_hidden
 
 
 def greedy(model, cache, prefix_mask, items: list[Item], pad_id: int, max_new_tokens: int, eos_ids: set[int],
@@ -96,7 +118,7 @@ def greedy(model, cache, prefix_mask, items: list[Item], pad_id: int, max_new_to
     """Greedy decoding of every row after its suffix; ``stop(ids)`` ends a row early (metrics.stop_rule)."""
     P = prefix_mask.shape[1]
     ids, pos, mask, lens = _block(items, [it.suffix for it in items], prefix_mask, pad_id)
-    logits = _forward(model, cache, ids, pos, mask)
+    logits, _ = _forward(model, cache, ids, pos, mask)
     nxt = logits[torch.arange(len(items)), torch.tensor(lens, device=logits.device) - 1].argmax(-1)
     gen: list[list[int]] = [[] for _ in items]
     done = [False] * len(items)
@@ -115,33 +137,78 @@ def greedy(model, cache, prefix_mask, items: list[Item], pad_id: int, max_new_to
             break
         last_pos = last_pos + 1
         mask = torch.cat([mask, torch.ones((len(items), 1), dtype=mask.dtype, device=mask.device)], dim=1)
-        logits = _forward(model, cache, nxt[:, None], last_pos[:, None], mask)
+        logits, _ = _forward(model, cache, nxt[:, None], last_pos[:, None], mask)
         nxt = logits[:, -1].argmax(-1)
     _crop(cache, P)
     return gen
 
 
+def _one_context(cache: ContextCache, i: int, n: int, token_ids: list[int]) -> ContextCache:
+    """Row ``i`` of a batched cache, cut to its ``n`` real tokens (for per-context prefills)."""
+    cut = lambda ts: None if ts is None else [t[i: i + 1, ..., :n, :] if t.dim() == 4 else t[i: i + 1, :n] for t in ts]
+    return ContextCache(cut(cache.keys), cut(cache.values), cut(cache.embeds), cache.model_id, list(token_ids))
+
+
+def _pad_layers(per_item: list[list[tuple]], P: int) -> list[tuple]:
+    """Per-context layer lists [(K [1, h, n_i, d], V)] -> one right-padded batch [(K [B, h, P, d], V)]."""
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, 0, 0, P - t.shape[-2]))
+    return [(torch.cat([pad(layers[j][0]) for layers in per_item]), torch.cat([pad(layers[j][1]) for layers in per_item]))
+            for j in range(len(per_item[0]))]
+
+
+def _start(plan: Plan) -> tuple:
+    """Start-major order, so that groups of one start extend the same GroupMemo."""
+    return (plan.kind != "groups", plan.groups[0][0] if plan.kind == "groups" and plan.groups else -1, plan.groups)
+
+
 @torch.no_grad()
-def evaluate_baselines(receiver, sender, items: list[Item], pad_id: int, max_new_tokens: int, eos_ids: set[int],
-                       plans=BASELINES, stop=None) -> dict[str, list[dict]]:
-    """{plan: [{"tokens", "nll", "kl"} per item]} for the requested baselines, one batch."""
-    need_sender_cache = any(p in ("sender", "full_reuse") for p in plans)
-    rcache, rmask = prefix_cache(receiver, items, pad_id)
-    ref = teacher_forced(receiver, rcache, rmask, items, pad_id)
+def evaluate_plans(receiver, sender, items: list[Item], plans, pad_id: int, max_new_tokens: int, eos_ids: set[int],
+                   stop=None, out_err: bool = False) -> dict[str, list[dict]]:
+    """{plan name: [{"tokens", "nll", "kl"[, "out_err"]} per item]} for every plan, on one batch.
+
+    ``plans``: Plan objects or anything ``parse_plan`` accepts."""
+    n_layers = receiver.config.num_hidden_layers
+    plans = sorted((parse_plan(p, n_layers) for p in plans), key=_start)
+    dev = next(receiver.parameters()).device
+    ids, pmask = padded(items, pad_id, dev)
+    own = capture(receiver, ids, with_embeds=False)  # the receiver's full prefill: the reference
+    own_layers = list(zip(own.keys, own.values))
+    ref_cache = as_cache(receiver, own_layers)
+    ref, ref_hidden = teacher_forced(receiver, ref_cache, pmask, items, pad_id)
+    scache = memo = None
+    if any(p.needs_sender for p in plans):
+        scache = capture(sender, ids, with_embeds=any(p.kind == "groups" and p.transition_layers() for p in plans))
+        memo = GroupMemo(receiver, ids, scache)
     out: dict[str, list[dict]] = {}
-    scache = smask = None
-    if need_sender_cache:
-        scache, smask = prefix_cache(sender, items, pad_id)
     for plan in plans:
-        model, cache, mask = {"full_prefill": (receiver, rcache, rmask), "sender": (sender, scache, smask),
-                              "full_reuse": (receiver, scache, smask)}[plan]
-        logp = ref if plan == "full_prefill" else teacher_forced(model, cache, mask, items, pad_id)
-        tokens = greedy(model, cache, mask, items, pad_id, max_new_tokens, eos_ids, stop)
+        model = sender if plan.kind == "sender" else receiver
+        if plan.name == "full_prefill":
+            layers, cache = own_layers, ref_cache
+        else:
+            if plan.kind == "sender":
+                layers = list(zip(scache.keys, scache.values))
+            elif plan.kind in BATCHED_KINDS:
+                layers = partial_prefill(receiver, plan, ids, scache, memo if plan.kind == "groups" else None)
+            else:  # cacheblend: its token selection is per context
+                layers = _pad_layers([partial_prefill(receiver, plan, it.prefix, _one_context(scache, i, len(it.prefix), it.prefix))
+                                      for i, it in enumerate(items)], ids.shape[1])
+            cache = as_cache(model, layers)
+        logp, hidden = (ref, ref_hidden) if plan.name == "full_prefill" else teacher_forced(model, cache, pmask, items, pad_id)
+        tokens = greedy(model, cache, pmask, items, pad_id, max_new_tokens, eos_ids, stop)
         rows = []
         for i, it in enumerate(items):
             gold = torch.tensor(it.answer, device=logp[i].device)
-            nll = float(-logp[i].gather(1, gold[:, None]).mean())
-            kl = float((ref[i].exp() * (ref[i] - logp[i])).sum(-1).mean())
-            rows.append({"tokens": tokens[i], "nll": nll, "kl": max(0.0, kl)})
-        out[plan] = rows
+            row = {"tokens": tokens[i], "nll": float(-logp[i].gather(1, gold[:, None]).mean()),
+                   "kl": max(0.0, float((ref[i].exp() * (ref[i] - logp[i])).sum(-1).mean()))}
+            if out_err:
+                row["out_err"] = rel_l2(hidden[i], ref_hidden[i])
+            rows.append(row)
+        out[plan.name] = rows
     return out
+
+
+def evaluate_baselines(receiver, sender, items: list[Item], pad_id: int, max_new_tokens: int, eos_ids: set[int],
+                       plans=BASELINES, stop=None) -> dict[str, list[dict]]:
+    """The three baselines of the pair table (paper Fig. 6) on one batch."""
+    return evaluate_plans(receiver, sender, items, plans, pad_id, max_new_tokens, eos_ids, stop=stop)

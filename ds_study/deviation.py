@@ -23,9 +23,10 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
     return x[0].transpose(0, 1).reshape(x.shape[2], -1) if x.dim() == 4 else x[0]
 
 
-def rel_l2(sender: torch.Tensor, receiver: torch.Tensor) -> float:
-    s, r = _tokens(sender), _tokens(receiver)
-    return float(torch.linalg.vector_norm(s - r) / torch.linalg.vector_norm(r).clamp_min(1e-30))
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| over all elements, in float64 (0 exactly when x == ref)."""
+    x, ref = x.detach().double(), ref.detach().double()
+    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
 
 
 def token_cos(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,7 +11,6 @@ import json
 import time
 
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from ds_study import metrics, runner
 from ds_study.cli import hydra_main
@@ -31,17 +30,16 @@ def plans_from(cfg: DictConfig, n_layers: int):
 
 def main(cfg: DictConfig) -> dict:
     task = runner.validate(cfg)
-    records = runner.records_of(cfg, task)
+    runner.records_of(cfg, task)  # read before the weights load: a bad dataset fails in seconds
     plans = plans_from(cfg, runner.receiver_layers(cfg))
     pair = runner.load_pair_from(cfg)
-    examples = runner.prepare(pair, task, records, cfg.max_length)
+    examples, ev = runner.evaluator_for(cfg, pair, task)
     run = runner.start_run(cfg, "evaluate", task)
     runner.write_json(run / "env.json", runner.environment(cfg.device))
-    store = runner.cell_store(cfg, pair, task)
-    ev = runner.Evaluator(pair, task, store)
     rows_by_plan, t0 = {p.name: [] for p in plans}, time.perf_counter()
+    ev.fill(plans, examples, desc="cells")  # what is missing, in batches, with a live bar
     with open(run / "samples.jsonl", "w") as samples:
-        for ex in tqdm(examples, desc="examples", dynamic_ncols=True):
+        for ex in examples:
             for plan in plans:
                 row = ev.cell(plan, ex)
                 rows_by_plan[plan.name].append(row)
@@ -50,7 +48,7 @@ def main(cfg: DictConfig) -> dict:
     summary = {"job": "evaluate", "pair": cfg.model_pair.name, "dataset": task.name, "split": cfg.split,
                "n_examples": len(examples), "models": pair.identities(), "metric": task.metric,
                "metric_versions": metrics.metric_versions([task.metric]), "quality": table,
-               "seconds": round(time.perf_counter() - t0, 1), "cells_file": str(store.path)}
+               "seconds": round(time.perf_counter() - t0, 1), "cells_file": str(ev.store.path)}
     runner.write_json(run / "summary.json", summary)
     print_table(f"{cfg.model_pair.name} on {task.name}/{cfg.split} ({len(examples)} examples)", table)
     print(f"\nresults: {run}")

@@ -249,30 +249,42 @@ def _positions(n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device).unsqueeze(0)
 
 
+def as_ids(token_ids, device) -> torch.Tensor:
+    """Context token ids as a [B, P] tensor: one context (a list of ids) or a batch of right-padded
+    contexts (a [B, P] tensor, see ``ds_study.batched``). Right padding keeps every real token at its
+    own position and, attention being causal, out of reach of the padding after it, so the layer
+    functions below run a padded batch unchanged; what they compute at padded positions is never read."""
+    if torch.is_tensor(token_ids):
+        return token_ids.to(device).view(-1, token_ids.shape[-1])
+    return torch.tensor([list(token_ids)], dtype=torch.long, device=device)
+
+
 @torch.no_grad()
-def capture(model, token_ids: list[int], with_embeds: bool = True, model_id: dict | None = None) -> ContextCache:
-    """One model's prefill of a context, keeping every layer's K, V and (optionally) E."""
+def capture(model, token_ids, with_embeds: bool = True, model_id: dict | None = None) -> ContextCache:
+    """One model's prefill of a context (or of a right-padded batch, ``as_ids``), keeping every layer's
+    K, V and (optionally) E."""
     check_supported(model)
     device = next(model.parameters()).device
-    ids = torch.tensor([token_ids], device=device)
+    ids = as_ids(token_ids, device)
     hidden = model.model.embed_tokens(ids)
     kv, inputs = LayerKV(), {}
-    run_layers(model, hidden, _positions(len(token_ids), device), 0, model.config.num_hidden_layers, kv,
+    run_layers(model, hidden, _positions(ids.shape[1], device), 0, model.config.num_hidden_layers, kv,
                record_inputs=inputs if with_embeds else None)
     n = model.config.num_hidden_layers
     return ContextCache([kv.k[i] for i in range(n)], [kv.v[i] for i in range(n)],
-                        [inputs[i] for i in range(n)] if with_embeds else None, model_id or {}, list(token_ids))
+                        [inputs[i] for i in range(n)] if with_embeds else None, model_id or {},
+                        [] if torch.is_tensor(token_ids) else list(token_ids))
 
 
 # --------------------------------------------------------------------------------------------
 # Partial prefill and decoding
 
 
-def group_input(model, a: int, token_ids: list[int], sender: ContextCache | None) -> torch.Tensor:
+def group_input(model, a: int, token_ids, sender: ContextCache | None) -> torch.Tensor:
     """What a recompute group starting at layer ``a`` reads: the sender's E_a, or own embeddings if a == 0."""
     p = next(model.parameters())
     if a == 0:
-        return model.model.embed_tokens(torch.tensor([token_ids], device=p.device))
+        return model.model.embed_tokens(as_ids(token_ids, p.device))
     if sender is None or sender.embeds is None:
         raise PlanError(f"a recompute group starting at layer {a} needs the sender's E at layer {a}, "
                         f"which was not captured")
@@ -280,11 +292,11 @@ def group_input(model, a: int, token_ids: list[int], sender: ContextCache | None
 
 
 @torch.no_grad()
-def recompute_group(model, a: int, b: int, token_ids: list[int], sender: ContextCache | None) -> LayerKV:
+def recompute_group(model, a: int, b: int, token_ids, sender: ContextCache | None) -> LayerKV:
     """Receiver layers a..b over the whole context, from the sender's E_a (own embeddings if a == 0)."""
-    device = next(model.parameters()).device
+    hidden = group_input(model, a, token_ids, sender)
     kv = LayerKV()
-    run_layers(model, group_input(model, a, token_ids, sender), _positions(len(token_ids), device), a, b + 1, kv)
+    run_layers(model, hidden, _positions(hidden.shape[1], hidden.device), a, b + 1, kv)
     return kv
 
 
@@ -363,7 +375,7 @@ class GroupMemo:
     which bounds memory at one full-depth KV; enumerate groups start-major to benefit.
     """
 
-    def __init__(self, model, token_ids: list[int], sender: ContextCache | None):
+    def __init__(self, model, token_ids, sender: ContextCache | None):
         self.model, self.token_ids, self.sender = model, token_ids, sender
         self.start: int | None = None
         self.hidden, self.next_layer, self.kv = None, 0, LayerKV()
@@ -374,14 +386,14 @@ class GroupMemo:
             self.start, self.next_layer, self.kv = a, a, LayerKV()
             self.hidden = group_input(self.model, a, self.token_ids, self.sender)
         if self.next_layer <= b:
-            pos = _positions(len(self.token_ids), self.hidden.device)
+            pos = _positions(self.hidden.shape[1], self.hidden.device)
             self.hidden = run_layers(self.model, self.hidden, pos, self.next_layer, b + 1, self.kv)
             self.next_layer = b + 1
         return self.kv
 
 
 @torch.no_grad()
-def partial_prefill(model, plan: Plan, token_ids: list[int], sender: ContextCache | None,
+def partial_prefill(model, plan: Plan, token_ids, sender: ContextCache | None,
                     memo: GroupMemo | None = None) -> list[tuple]:
     """Per-layer (K, V) of the shared context under ``plan``: reused from ``sender`` or recomputed.
 
@@ -389,9 +401,12 @@ def partial_prefill(model, plan: Plan, token_ids: list[int], sender: ContextCach
     """
     check_supported(model)
     n = model.config.num_hidden_layers
-    if sender is not None and sender.token_ids and list(sender.token_ids) != list(token_ids):
+    if (sender is not None and sender.token_ids and not torch.is_tensor(token_ids)
+            and list(sender.token_ids) != list(token_ids)):
         raise PlanError("the sender cache was captured for a different context")
     if plan.kind == "cacheblend":
+        if torch.is_tensor(token_ids):
+            raise PlanError("cacheblend selects tokens per context: prefill one context at a time")
         return cacheblend_prefill(model, token_ids, sender, plan.ratio, plan.check_layer)
     if plan.kind == "reuse_only":
         return reuse_only_prefill(model, plan, token_ids, sender)
@@ -413,7 +428,7 @@ def partial_prefill(model, plan: Plan, token_ids: list[int], sender: ContextCach
 
 
 @torch.no_grad()
-def reuse_only_prefill(model, plan: Plan, token_ids: list[int], sender: ContextCache) -> list[tuple]:
+def reuse_only_prefill(model, plan: Plan, token_ids, sender: ContextCache) -> list[tuple]:
     """The receiver computes every layer itself, but the plan's layers read the sender's K/V.
 
     This isolates one layer's KV (paper Fig. 7) without injecting the sender's E anywhere.
@@ -422,8 +437,8 @@ def reuse_only_prefill(model, plan: Plan, token_ids: list[int], sender: ContextC
         raise PlanError(f"plan {plan.name} needs a sender cache")
     device = next(model.parameters()).device
     kv = MixedKV(sender, {i for a, b in plan.groups for i in range(a, b + 1)})
-    hidden = model.model.embed_tokens(torch.tensor([token_ids], device=device))
-    run_layers(model, hidden, _positions(len(token_ids), device), 0, model.config.num_hidden_layers, kv)
+    hidden = model.model.embed_tokens(as_ids(token_ids, device))
+    run_layers(model, hidden, _positions(hidden.shape[1], device), 0, model.config.num_hidden_layers, kv)
     return [(kv.k[i], kv.v[i]) for i in range(model.config.num_hidden_layers)]
 
 

@@ -13,6 +13,7 @@ A scorer is (prediction, ground_truth) -> float in [0, 1] (token_f1 also takes a
 Per example we take the max over the reference answers, per dataset round(100 * mean, 2).
 """
 
+import math
 import re
 import string
 from collections import Counter
@@ -231,3 +232,32 @@ def aggregate(scores: Sequence[float]) -> float:
     if len(scores) == 0:
         raise ValueError("cannot aggregate an empty list of scores")
     return round(100 * sum(scores) / len(scores), 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Quality targets of profiling and search
+
+TARGETS = {
+    "task": "the task metric (F1, Rouge-L, code similarity) of the greedy answer",
+    "nll": "exp(-NLL): the gold answer's per-token probability (geometric mean), teacher-forced",
+    "kl": "exp(-KL): closeness of the next-token distributions to the receiver's own full prefill",
+}
+
+
+def example_value(row: dict, target: str = "task") -> float:
+    """One cell's quality in [0, 1], higher is better, under ``target`` (see TARGETS). The continuous
+    targets need no decoding and do not saturate; mapped through exp(-x) they sit on the same 0-100
+    scale as task metrics, so frontiers, deltas and selection read the same way."""
+    if target == "task":
+        return row["score"]
+    if target in ("nll", "kl"):
+        if target not in row:
+            raise KeyError(f"cell {row.get('plan')}/{row.get('id')} has no {target!r}: recompute it (cells made "
+                           f"before the continuous signals are recomputed on the next run)")
+        return math.exp(-row[target])
+    raise ValueError(f"unknown quality target {target!r}; one of {', '.join(TARGETS)}")
+
+
+def quality(rows: Sequence[dict], target: str = "task") -> float:
+    """A plan's quality over examples: round(100 * mean per-example value, 2), as LongBench aggregates."""
+    return aggregate([example_value(r, target) for r in rows])

@@ -27,7 +27,7 @@ from ds_study.cli import hydra_main
 
 
 def summarize_plans(task, rows_by_plan: dict[str, list[dict]]) -> list[dict]:
-    return [{"plan": p, "score": runner.quality(rows), "metric": task.metric, "n": len(rows),
+    return [{"plan": p, "score": metrics.quality(rows), "metric": task.metric, "n": len(rows),
              "mean_seconds": round(sum(r["seconds"] for r in rows) / len(rows), 4)}
             for p, rows in rows_by_plan.items()]
 
@@ -41,7 +41,7 @@ def print_table(title: str, table: list[dict]) -> None:
 
 def main(cfg: DictConfig) -> dict:
     task = runner.validate(cfg)
-    records = runner.records_of(cfg, task)
+    runner.records_of(cfg, task)  # read before the weights load: a bad dataset fails in seconds
     n_layers = runner.receiver_layers(cfg)
     plans = runner.plans_of(cfg.plans, n_layers)
     if cfg.search.enabled:
@@ -49,11 +49,9 @@ def main(cfg: DictConfig) -> dict:
 
         search.check_config(cfg.search, n_layers, cfg.split)
     pair = runner.load_pair_from(cfg)
-    examples = runner.prepare(pair, task, records, cfg.max_length)
+    examples, ev = runner.evaluator_for(cfg, pair, task)
     run = runner.start_run(cfg, "profile", task)
     runner.write_json(run / "env.json", runner.environment(cfg.device))
-    store = runner.cell_store(cfg, pair, task)
-    ev = runner.Evaluator(pair, task, store, workers=runner.workers_of(cfg), worker_cfg=cfg)
     print(f"profiling {cfg.model_pair.name} (receiver {pair.receiver_id['name']} <- sender {pair.sender_id['name']}) on "
           f"{task.name}/{cfg.split}: {len(examples)} examples, {pair.n_layers} layers -> {run}")
 
@@ -74,7 +72,7 @@ def main(cfg: DictConfig) -> dict:
     summary = {"job": "profile", "pair": cfg.model_pair.name, "dataset": task.name, "split": cfg.split,
                "n_examples": len(examples), "n_layers": pair.n_layers, "models": pair.identities(),
                "metric": task.metric, "metric_versions": metrics.metric_versions([task.metric]),
-               "quality": table, "seconds": round(time.perf_counter() - t0, 1), "cells_file": str(store.path)}
+               "quality": table, "seconds": round(time.perf_counter() - t0, 1), "cells_file": str(ev.store.path)}
     if cfg.deviation:
         import pandas as pd
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ds_study import data, metrics
+from ds_study import batched, data, metrics
 from ds_study.caches import ContextCache
 from ds_study.executor import Decoded, GroupMemo, Plan, capture, decode, parse_plan, run_plan
 from ds_study.pair import ModelPair, load_pair
@@ -261,23 +261,27 @@ class CellStore:
 
 
 class Evaluator:
-    """Runs plans on examples for one pair, capturing each example's sender cache once.
+    """Runs plans on examples for one pair and keeps every scored (plan, example) cell.
 
-    The caches of the ``keep`` most recent examples stay in memory, so a search that evaluates one
-    plan over all examples before choosing the next still captures each context once when ``keep``
-    covers the profiling split. Recomputed layers are shared between plans of the current example
-    (GroupMemo). ``n_run`` and ``n_reused`` count cells computed and cells found in the store;
-    ``n_cached`` counts the reused cells that this evaluator (or its workers) did not compute, i.e.
-    results taken from an earlier run (the user's store or the committed seed).
+    Cells are computed in batches of ``batch_size`` examples through ``ds_study.batched`` (every
+    plan of a batch shares the contexts' captures and recomputed layers), each row holding the task
+    score, the gold answer's teacher-forced ``nll`` and the ``kl`` from the receiver's full prefill.
+    ``run`` is the one-at-a-time executor path (the engine's, and the reference the batched path is
+    tested and benchmarked against): it caches the ``keep`` most recent examples' captures.
+    ``n_run`` and ``n_reused`` count cells computed and cells found in the store; ``n_cached``
+    counts the reused cells that this evaluator (or its workers) did not compute, i.e. results
+    taken from an earlier run (the user's store or the committed seed).
     """
 
     def __init__(self, pair: ModelPair, task: data.TaskSpec, store: CellStore | None = None, keep: int = 1,
-                 workers: int = 1, worker_cfg: DictConfig | None = None):
+                 workers: int = 1, worker_cfg: DictConfig | None = None, batch_size: int = 8):
         self.pair, self.task, self.store, self.keep = pair, task, store, max(1, int(keep))
         self.workers, self.worker_cfg = max(1, int(workers or 1)), worker_cfg
+        self.batch_size = max(1, int(batch_size or 1))
         rule, tok = metrics.stop_rule(task.metric), pair.tokenizer  # early stop that cannot change the score
         self.stop = None if rule is None else (lambda ids: rule(tok.decode(ids, skip_special_tokens=True)))
         self._entries: OrderedDict[str, dict] = OrderedDict()  # example id -> sender/receiver/ref/memo
+        self._mem: dict[tuple[str, str], dict] = {}  # cells, when there is no store
         self.n_run = self.n_reused = self.n_cached = 0
         self._fresh: set[tuple[str, str]] = set()  # (plan, example) cells computed by this evaluator or its workers
 
@@ -308,6 +312,7 @@ class Evaluator:
         return e["ref"]
 
     def run(self, plan: Plan, ex: Example) -> Decoded:
+        """One plan on one example through the batch-1 executor (not stored)."""
         p, tok = ex.prompt, self.pair.tokenizer
         e = self._entry(ex)
         if plan.label == "full_prefill" and e["receiver"] is not None:
@@ -325,31 +330,60 @@ class Evaluator:
                         self.task.max_new_tokens, tok.eos_token_id, sender_cache=sender_cache, memo=memo,
                         stop=self.stop)
 
+    def _get(self, plan: str, example_id: str) -> dict | None:
+        return self.store.get(plan, example_id) if self.store is not None else self._mem.get((plan, example_id))
+
+    def missing(self, plan: Plan, ex: Example, out_err: bool = False) -> bool:
+        """Not computed yet for this example's input, or computed before cells held the continuous
+        signals (``nll``), or without the output error when it is asked for."""
+        row = self._get(plan.name, ex.id)
+        return (row is None or row.get("input") != ex.input_sha or "nll" not in row
+                or (out_err and "out_err" not in row))
+
     def cell(self, plan: Plan, ex: Example, out_err: bool = False) -> dict:
         """One scored (plan, example) row, from the store if done before; ``out_err`` adds the relative
         L2 distance of the suffix's final hidden states from the receiver's full prefill."""
-        if self.store is not None and not self.missing(plan, ex, out_err):
+        if not self.missing(plan, ex, out_err):
             self.n_reused += 1
             self.n_cached += (plan.name, ex.id) not in self._fresh
-            return self.store.get(plan.name, ex.id)
+            return self._get(plan.name, ex.id)
         self._fresh.add((plan.name, ex.id))
-        t0 = time.perf_counter()
-        out = self.run(plan, ex)
-        pred = prediction_text(self.pair.tokenizer, out.token_ids)
-        row = {"plan": plan.name, "id": ex.id, "n_recomputed": plan.n_recomputed() if plan.kind == "groups" else None,
-               "prediction": pred, "answers": ex.record["answers"], "score": score(self.task, pred, ex.record),
-               "metric": self.task.metric, "seconds": round(time.perf_counter() - t0, 4), "input": ex.input_sha}
-        if out_err:
-            row["out_err"] = rel_l2(out.suffix_hidden, self.reference_hidden(ex))
-        self.n_run += 1
-        if self.store is not None:
-            self.store.add(row)
-        return row
+        self.compute([plan], [ex], out_err)
+        return self._get(plan.name, ex.id)
 
-
-    def missing(self, plan: Plan, ex: Example, out_err: bool = False) -> bool:
-        row = self.store.get(plan.name, ex.id) if self.store is not None else None
-        return row is None or row.get("input") != ex.input_sha or (out_err and "out_err" not in row)
+    def compute(self, plans: list[Plan], examples: list[Example], out_err: bool = False, progress=None) -> None:
+        """Compute and store the missing cells of plans x examples, ``batch_size`` examples at a time
+        (shortest contexts together, so little is padding); ``progress(n)`` after every batch."""
+        tok, task = self.pair.tokenizer, self.task
+        todo = sorted((ex for ex in examples if any(self.missing(p, ex, out_err) for p in plans)),
+                      key=lambda ex: len(ex.prompt.prefix_ids))
+        for k in range(0, len(todo), self.batch_size):
+            chunk = todo[k:k + self.batch_size]
+            want = [(p, ex) for ex in chunk for p in plans if self.missing(p, ex, out_err)]
+            need = [p for p in plans if any(q is p for q, _ in want)]
+            items = [batched.Item(ex.prompt.prefix_ids, ex.prompt.suffix_ids,
+                                  data.answer_ids(tok, task, ex.record["answers"][0])) for ex in chunk]
+            t0 = time.perf_counter()
+            got = batched.evaluate_plans(self.pair.receiver, self.pair.sender, items, need, tok.pad_token_id,
+                                         task.max_new_tokens, {tok.eos_token_id}, stop=self.stop, out_err=out_err)
+            secs = (time.perf_counter() - t0) / (len(chunk) * len(need))
+            index = {ex.id: i for i, ex in enumerate(chunk)}
+            for p, ex in want:
+                r = got[p.name][index[ex.id]]
+                pred = prediction_text(tok, r["tokens"])
+                row = {"plan": p.name, "id": ex.id, "n_recomputed": p.n_recomputed() if p.kind == "groups" else None,
+                       "prediction": pred, "answers": ex.record["answers"], "score": score(task, pred, ex.record),
+                       "metric": task.metric, "nll": round(r["nll"], 6), "kl": round(r["kl"], 6),
+                       "seconds": round(secs, 4), "batch": len(chunk), "input": ex.input_sha}
+                if out_err:
+                    row["out_err"] = r["out_err"]
+                self.n_run += 1
+                if self.store is not None:
+                    self.store.add(row)
+                else:
+                    self._mem[(p.name, ex.id)] = row
+            if progress is not None:
+                progress(len(want))
 
     def fill(self, plans: list[Plan], examples: list[Example], out_err: bool = False, min_cells: int = 40,
              desc: str = "cells") -> None:
@@ -357,25 +391,20 @@ class Evaluator:
 
         With ``workers > 1`` (and at least ``min_cells`` missing) examples are split between this
         process and ``workers - 1`` spawned ones sharing the cell file (each loads the pair from
-        ``worker_cfg`` and captures its own examples' caches once); the bar counts their cells as
-        they land in the file. Afterwards every cell is in the store, so the caller's ordinary loop
-        only reads. Results do not depend on ``workers``.
+        ``worker_cfg``); the bar counts their cells as they land in the file. Afterwards every cell
+        is in the store, so the caller's ordinary loop only reads. Results do not depend on ``workers``.
         """
         from tqdm import tqdm
 
         missing = {(p.name, ex.id) for ex in examples for p in plans if self.missing(p, ex, out_err)}
         self._fresh |= missing  # computed below, by this process or a worker
         todo, n_cells = [ex for ex in examples if any((p.name, ex.id) in missing for p in plans)], len(missing)
-        if self.store is None or not n_cells:
+        if not n_cells:
             return
         bar = tqdm(total=n_cells, desc=desc, unit="cell", dynamic_ncols=True)
         try:
-            if self.workers <= 1 or self.worker_cfg is None or n_cells < min_cells:
-                for ex in todo:
-                    for p in plans:
-                        if (p.name, ex.id) in missing:
-                            self.cell(p, ex, out_err)
-                            bar.update()
+            if self.workers <= 1 or self.worker_cfg is None or self.store is None or n_cells < min_cells:
+                self.compute(plans, todo, out_err, progress=bar.update)
                 return
             self._fill_parallel(plans, todo, out_err, bar)
         finally:
@@ -386,11 +415,17 @@ class Evaluator:
         from concurrent.futures import ProcessPoolExecutor, wait
         from concurrent.futures.process import BrokenProcessPool
 
-        shards = [todo[i::self.workers] for i in range(self.workers)]
+        # contiguous shards of the length-sorted examples: each process batches similar lengths
+        todo = sorted(todo, key=lambda ex: len(ex.prompt.prefix_ids))
+        size = -(-len(todo) // self.workers)
+        shards = [todo[i:i + size] for i in range(0, len(todo), size)]
         cfg = OmegaConf.to_container(self.worker_cfg, resolve=True)
         lines0 = self.store.line_count()
+        own = 0
 
-        def show(own: int) -> None:  # every cell appended to the file since the start is one done
+        def show(n: int = 0) -> None:  # every cell appended to the file since the start is one done
+            nonlocal own
+            own += n
             bar.n = min(bar.total, max(own, self.store.line_count() - lines0))
             bar.refresh()
 
@@ -402,17 +437,11 @@ class Evaluator:
             jobs = [pool.submit(fill_cells, cfg, str(self.store.path.parent), plans, [ex.id for ex in shard], out_err,
                                 seed)
                     for shard in shards[1:] if shard]
-            own = 0
-            for ex in shards[0]:
-                for p in plans:
-                    if self.missing(p, ex, out_err):
-                        self.cell(p, ex, out_err)
-                        own += 1
-                        show(own)
+            self.compute(plans, shards[0], out_err, progress=show)
             while wait(jobs, timeout=1.0).not_done:
-                show(own)
+                show()
             self.n_run += sum(j.result() for j in jobs)
-            show(own)
+            show()
         except BrokenProcessPool as e:
             raise RuntimeError(f"a cell worker process died ({e}); finished cells are kept in {self.store.path}, "
                                f"so rerunning the same command resumes (workers=1 runs in this process)") from None
@@ -431,20 +460,27 @@ def fill_cells(cfg: dict, cells_dir: str, plans: list[Plan], example_ids: list[s
     wanted = set(example_ids)
     examples = prepare(pair, task, [r for r in records_of(cfg, task) if r["_id"] in wanted], cfg.max_length)
     ev = Evaluator(pair, task, CellStore(Path(cells_dir), pair, task, cfg.split, cfg.max_length,
-                                         seed=None if seed_dir is None else Path(seed_dir)))
-    for ex in examples:
-        for p in plans:
-            ev.cell(p, ex, out_err)
+                                         seed=None if seed_dir is None else Path(seed_dir)),
+                   batch_size=batch_size_of(cfg))
+    ev.compute(plans, examples, out_err)
     return ev.n_run
 
 
-def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+def evaluator_for(cfg: DictConfig, pair: ModelPair, task: data.TaskSpec) -> tuple[list[Example], Evaluator]:
+    """The examples of ``cfg``'s split and an Evaluator over the pair's cell store: the one way from a
+    config to evaluated cells that every pipeline uses (workers and batch size from the config)."""
+    examples = prepare(pair, task, records_of(cfg, task), cfg.max_length)
+    ev = Evaluator(pair, task, cell_store(cfg, pair, task), workers=workers_of(cfg), worker_cfg=cfg,
+                   batch_size=batch_size_of(cfg))
+    return examples, ev
 
 
-def quality(rows: list[dict]) -> float:
-    return metrics.aggregate([r["score"] for r in rows])
+def batch_size_of(cfg: DictConfig) -> int:
+    """Examples evaluated together (``batch_size``, default 8)."""
+    b = cfg.get("batch_size") or 8
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        raise ValueError(f"batch_size must be a positive number of examples, got {b!r}")
+    return b
 
 
 # --------------------------------------------------------------------------------------------

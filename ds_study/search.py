@@ -286,29 +286,30 @@ def evaluate(ev, plans: Sequence[Plan], examples, desc: str = "", out_err: bool 
     return rows
 
 
-def quality(rows: list[dict]) -> float:
+def quality(rows: list[dict], target: str = "task") -> float:
+    """A plan's quality under the search target (``metrics.TARGETS``)."""
     from ds_study import metrics
 
-    return metrics.aggregate([r["score"] for r in rows])
+    return metrics.quality(rows, target)
 
 
-def scorer(ev, examples, n_layers: int, desc: str = "") -> Callable[[list[tuple]], list[float]]:
+def scorer(ev, examples, n_layers: int, desc: str = "", target: str = "task") -> Callable[[list[tuple]], list[float]]:
     """score_fn for greedy: plans given as group tuples -> quality on the profiling split."""
     def score_fn(groups_list):
         plans = [plan_of(gr, n_layers) for gr in groups_list]
         rows = evaluate(ev, plans, examples, desc=desc)
-        return [quality(rows[p.name]) for p in plans]
+        return [quality(rows[p.name], target) for p in plans]
     return score_fn
 
 
-def exhaustive(ev, examples, n_layers: int, granularities: Sequence[int]) -> dict[int, list[Point]]:
+def exhaustive(ev, examples, n_layers: int, granularities: Sequence[int], target: str = "task") -> dict[int, list[Point]]:
     """Score full reuse and every group at each granularity; coarser grids reuse the finer one's cells."""
     grids = {g: [()] + [((a, b),) for a, b in candidate_groups(n_layers, g)] for g in granularities}
     union = list(dict.fromkeys(gr for g in sorted(grids) for gr in grids[g]))
     union.sort(key=lambda gr: (gr[0][0], gr[0][1]) if gr else (-1, -1))  # start-major: GroupMemo reuse
     plans = {gr: plan_of(gr, n_layers) for gr in union}
     rows = evaluate(ev, list(plans.values()), examples, desc=f"exhaustive g={','.join(map(str, granularities))}")
-    scores = {gr: quality(rows[plans[gr].name]) for gr in union}
+    scores = {gr: quality(rows[plans[gr].name], target) for gr in union}
     return {g: [Point(plans[gr].name, gr, scores[gr]) for gr in grids[g]] for g in granularities}
 
 
@@ -338,12 +339,15 @@ def comparison(exh: list[Point], gre: list[Point], n_layers: int) -> list[dict]:
              "diff": round(g.score - e.score, 2)} for k, (e, g) in enumerate(zip(eb, gb))]
 
 
-def paired_se(ev, plan_a: str, plan_b: str, examples) -> float:
+def paired_se(ev, plan_a: str, plan_b: str, examples, target: str = "task") -> float:
     """Standard error (quality points) of the mean per-example difference between two scored plans:
     how far apart two profiled qualities can be by the choice of examples alone."""
+    from ds_study.metrics import example_value
+
     if plan_a == plan_b:
         return 0.0
-    d = [100 * (ev.store.get(plan_a, ex.id)["score"] - ev.store.get(plan_b, ex.id)["score"]) for ex in examples]
+    d = [100 * (example_value(ev.store.get(plan_a, ex.id), target) - example_value(ev.store.get(plan_b, ex.id), target))
+         for ex in examples]
     mean = sum(d) / len(d)
     var = sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1)
     return round(math.sqrt(var / len(d)), 2)
@@ -393,19 +397,21 @@ def holdout_check(cfg, pair, task, table: list[dict], points: dict, n_layers: in
     from ds_study import runner
 
     sc = cfg.search
+    target = str(sc.get("target") or "task")
     hcfg = OmegaConf.merge(cfg, {"split": sc.holdout_split, "limit": sc.get("holdout_limit")})
-    examples = runner.prepare(pair, task, runner.records_of(hcfg, task), cfg.max_length)
-    store = runner.cell_store(cfg, pair, task, sc.holdout_split)
-    ev = runner.Evaluator(pair, task, store, workers=runner.workers_of(cfg), worker_cfg=hcfg)
+    examples, ev = runner.evaluator_for(hcfg, pair, task)
     plans = {n: plan_of(points[n].groups, n_layers)
              for n in sorted({r[c] for r in table for c in ("exhaustive_plan", "greedy_plan")})}
     rows = evaluate(ev, list(plans.values()), examples, f"held-out ({sc.holdout_split})")
-    score = {n: quality(rows[p.name]) for n, p in plans.items()}
+    score = {n: quality(rows[p.name], target) for n, p in plans.items()}
     for r in table:
         e, g = r["exhaustive_plan"], r["greedy_plan"]
         r["exhaustive_holdout"], r["greedy_holdout"] = score[e], score[g]
         r["diff_holdout"] = round(score[g] - score[e], 2)
-        r["se_holdout"] = paired_se(ev, plans[e].name, plans[g].name, examples)
+        r["se_holdout"] = paired_se(ev, plans[e].name, plans[g].name, examples, target)
+        if target != "task":  # what the continuous target's choice is worth in the task metric
+            r["exhaustive_holdout_task"] = quality(rows[plans[e].name])
+            r["greedy_holdout_task"] = quality(rows[plans[g].name])
     return {"split": sc.holdout_split, "n_examples": len(examples), "plans": len(plans)}
 
 
@@ -486,6 +492,10 @@ def check_config(sc, n_layers: int, split: str | None = None) -> None:
 
     if sc.method not in ("exhaustive", "greedy", "both"):
         fail("method", "exhaustive, greedy or both", sc.method)
+    from ds_study.metrics import TARGETS
+
+    if str(sc.get("target") or "task") not in TARGETS:
+        fail("target", " | ".join(TARGETS), sc.target)
     grans = as_list(sc.granularity)
     if not grans:
         fail("granularity", "a non-empty list of layer counts, e.g. [2] or [1,2]", list(grans))
@@ -557,32 +567,34 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
     import pandas as pd
 
     from ds_study import deviation, metrics, runner
+    from ds_study.metrics import example_value
 
     sc, L = cfg.search, pair.n_layers
     check_config(sc, L, cfg.split)
     grans, deltas = [int(x) for x in as_list(sc.granularity)], [float(d) for d in as_list(sc.deltas)]
     out = root = Path(run)
-    label = metrics.get_metric(task.metric).label
+    target = str(sc.get("target") or "task")
+    label = metrics.get_metric(task.metric).label if target == "task" else f"exp(-{target.upper()})"
     n0 = ev.n_run
-    base = quality(evaluate(ev, [parse_plan("full_prefill", L)], examples, "full prefill")["full_prefill"])
+    base = quality(evaluate(ev, [parse_plan("full_prefill", L)], examples, "full prefill")["full_prefill"], target)
     result: dict = {"pair": cfg.model_pair.name, "receiver": pair.receiver_id["name"],
                     "sender": pair.sender_id["name"], "dataset": task.name, "split": cfg.split,
                     "command": " ".join(["python -m ds_study.profile", *sys.argv[1:]]),
                     "models": pair.identities(),
                     "base": base, "metric": task.metric, "metric_label": label, "n_examples": len(examples),
                     "n_layers": L,
-                    "delta_mode": sc.delta_mode, "deltas": deltas, "method": sc.method}
+                    "delta_mode": sc.delta_mode, "deltas": deltas, "method": sc.method, "target": target}
 
     if sc.sensitivity:
         rows = evaluate(ev, sensitivity_plans(L), examples, "sensitivity")
-        layer_scores = [quality(rows[p.name]) for p in sensitivity_plans(L)]
+        layer_scores = [quality(rows[p.name], target) for p in sensitivity_plans(L)]
         crit = critical_layers(layer_scores, base, sc.critical_threshold, sc.critical_mode)
         result["sensitivity"] = {"layer_scores": layer_scores, "critical_layers": crit,
                                  "critical_threshold": sc.critical_threshold, "critical_mode": sc.critical_mode}
 
     exh = {}
     if sc.method in ("exhaustive", "both"):
-        exh = exhaustive(ev, examples, L, grans)
+        exh = exhaustive(ev, examples, L, grans, target)
         result["exhaustive"] = {}
         for g, pts in exh.items():
             front = frontier(pts, L)
@@ -609,7 +621,7 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
         auto = str(sc.greedy_width) == "auto"
         width = 2 if auto else int(sc.greedy_width)
         budget = greedy_budget(L, gg, float(sc.max_fraction)) if auto else None
-        gre = greedy(L, gg, scorer(ev, examples, L, "greedy"), prior, width=width, budget=budget,
+        gre = greedy(L, gg, scorer(ev, examples, L, "greedy", target), prior, width=width, budget=budget,
                      max_groups=int(sc.max_groups), new_group_margin=float(sc.new_group_margin))
         gfront = frontier(gre.points, L)
         gbudget = budget_frontier(gfront)
@@ -621,12 +633,12 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
 
     if exh and gre is not None:
         g = int(sc.greedy_granularity)
-        pts = exh[g] if g in exh else exhaustive(ev, examples, L, [g])[g]
+        pts = exh[g] if g in exh else exhaustive(ev, examples, L, [g], target)[g]
         table = comparison(pts, gre.points, L)
         for r in table:
-            r["se"] = paired_se(ev, r["exhaustive_plan"], r["greedy_plan"], examples)
+            r["se"] = paired_se(ev, r["exhaustive_plan"], r["greedy_plan"], examples, target)
         n_ex = n_exhaustive(L, g)
-        reliability = ranking_reliability({p.plan: [ev.store.get(p.plan, ex.id)["score"] for ex in examples]
+        reliability = ranking_reliability({p.plan: [example_value(ev.store.get(p.plan, ex.id), target) for ex in examples]
                                            for p in pts}) if len(examples) >= 4 and len(pts) >= 3 else None
         holdout = None
         if sc.get("holdout_split"):

@@ -61,10 +61,7 @@ class Study:
             cfg.dataset = dataset
             cfg.dataset_path = self.cfg.dataset_path if dataset == self.cfg.model_pair.task else None
             task = runner.validate(cfg)
-            examples = runner.prepare(self.pair, task, runner.records_of(cfg, task), cfg.max_length)
-            store = runner.cell_store(cfg, self.pair, task)
-            self._ctx[dataset] = (task, examples, runner.Evaluator(self.pair, task, store, workers=runner.workers_of(cfg),
-                                                                   worker_cfg=cfg))
+            self._ctx[dataset] = (task, *runner.evaluator_for(cfg, self.pair, task))
         return self._ctx[dataset]
 
     def out(self, *parts) -> Path:

@@ -11,7 +11,7 @@ signal for copying. Every 50 steps it prints (one JSON line): the loss on the se
 tokens of 16 pyqa profiling prompts (the function name, which the question states 10 tokens
 earlier) and of all answer tokens.
 """
-import gzip, math, sys, time, json, random
+import gzip, math, sys, time, json
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 from omegaconf import OmegaConf

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ds_study import batched, data, runner
+from ds_study.deviation import rel_l2
 from ds_study.executor import parse_plan
 from ds_study.pair import load_pair
 
@@ -54,3 +55,42 @@ def test_signals(setup):
     n = len(it.prefix) + len(it.suffix)
     want = -float(sum(logp[n - 1 + j, t] for j, t in enumerate(it.answer)) / len(it.answer))
     assert got["full_prefill"][1]["nll"] == pytest.approx(want, rel=1e-4)
+
+
+PLANS = ["full_prefill", "full_reuse", "sender", "0-1", "2-5", "2-3,6-7", "3-7", "reuse_only:4", "cacheblend@0.3"]
+
+
+def test_every_plan_kind_matches_batch_one(setup):
+    """Recompute groups (from the sender's E), single-layer reuse, CacheBlend and the sender, batched with
+    contexts of different lengths, decode what the batch-1 executor decodes, with the same output error."""
+    pair, task, items = setup
+    tok = pair.tokenizer
+    ev = runner.Evaluator(pair, task, keep=len(items))
+    got = batched.evaluate_plans(pair.receiver, pair.sender, items, PLANS, tok.pad_token_id, task.max_new_tokens,
+                                 {tok.eos_token_id}, stop=ev.stop, out_err=True)
+    for k, it in enumerate(items):
+        ex = runner.Example({"_id": f"x{k}", "answers": ["a"]}, data.Prompt(it.prefix, it.suffix, "", "", False))
+        for spec in PLANS:
+            plan = parse_plan(spec, pair.n_layers)
+            one = ev.run(plan, ex)
+            assert got[plan.name][k]["tokens"] == one.token_ids, (spec, k)
+            want = rel_l2(one.suffix_hidden, ev.reference_hidden(ex))
+            assert got[plan.name][k]["out_err"] == pytest.approx(want, rel=1e-3, abs=1e-5), (spec, k)
+    assert all(r["out_err"] == 0 for r in got["full_prefill"])
+
+
+def test_evaluator_cells_carry_signals_and_resume(setup, tmp_path):
+    """Cells computed in batches hold the task score and both continuous signals; a second evaluator on
+    the same store computes nothing."""
+    pair, task, _ = setup
+    examples = runner.prepare(pair, task, data.load_records("pycode", "profile", limit=5), 1024)
+    plans = [parse_plan(p, pair.n_layers) for p in ("full_prefill", "full_reuse", "2-5")]
+    store = runner.CellStore(tmp_path, pair, task, "profile", 1024)
+    ev = runner.Evaluator(pair, task, store, batch_size=2)
+    ev.fill(plans, examples)
+    assert ev.n_run == 15
+    rows = [store.get(p.name, ex.id) for p in plans for ex in examples]
+    assert all({"score", "nll", "kl", "batch"} <= set(r) for r in rows)
+    again = runner.Evaluator(pair, task, runner.CellStore(tmp_path, pair, task, "profile", 1024), batch_size=4)
+    again.fill(plans, examples)
+    assert again.n_run == 0 and again.cell(plans[2], examples[0]) == store.get(plans[2].name, examples[0].id)

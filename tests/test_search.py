@@ -186,21 +186,23 @@ def test_profile_resumes_after_interrupt(tiny, tmp_path, monkeypatch):
     cfg = compose("profile", pair_overrides(tiny[0], tiny[1], tmp_path) + [
         f"dataset_path={tiny[2]}", f"search.out_root={tmp_path / 'search'}", "search.publish=true", "threads=1",
         "search.granularity=[1,2]", "search.method=both", "workers=1"])
-    real_run, calls = runner.Evaluator.run, []
+    real, calls, batches = runner.batched.evaluate_plans, [], []
 
-    def counted(self, plan, ex):
-        calls.append((plan.name, ex.id))
-        if len(calls) == 25 and crash:
-            raise KeyboardInterrupt("injected after 24 finished cells")
-        return real_run(self, plan, ex)
+    def counted(receiver, sender, items, plans, *args, **kwargs):
+        batches.append(len(items))
+        if crash and len(batches) == 3:
+            raise KeyboardInterrupt("injected after 2 finished batches")
+        out = real(receiver, sender, items, plans, *args, **kwargs)
+        calls.extend((p.name, it.prefix[-1], len(it.prefix)) for p in plans for it in items)
+        return out
 
-    monkeypatch.setattr(runner.Evaluator, "run", counted)
+    monkeypatch.setattr(runner.batched, "evaluate_plans", counted)
     crash = True
     with pytest.raises(KeyboardInterrupt):
         profile.main(cfg)
     first = list(calls)
     cells_file = next((tmp_path / "cells" / "tinytest").glob("*.jsonl"))
-    assert len(cells_file.read_text().splitlines()) == 24
+    assert len(cells_file.read_text().splitlines()) == len(first) > 0  # every finished batch is on disk
     with open(cells_file, "a") as f:
         f.write('{"plan": "full_reuse", "id": "cut-off by a ki')  # a line half-written when killed
 
@@ -209,8 +211,8 @@ def test_profile_resumes_after_interrupt(tiny, tmp_path, monkeypatch):
     summary = profile.main(cfg)
     # 3 baselines + 4 single-layer + 9 groups (10 at g=1 less [0, 3] = full prefill) = 16 plans x 3 examples
     total = 3 * (3 + 4 + 9)
-    assert len(calls) == total - 24
-    assert not set(calls) & set(first[:24])  # finished cells were not recomputed
+    assert len(calls) == total - len(first)
+    assert not set(calls) & set(first)  # finished cells were not recomputed
     res = summary["search"]
     assert res["comparison"]["exhaustive_evaluations"] == 11
     assert [s["delta"] for s in res["exhaustive"][1]["selected"]] == [0.05, 0.01]
@@ -386,3 +388,28 @@ def test_the_default_profile_writes_only_into_its_own_run_directory(compose_cfg,
                                                                             "search.json"]
     # committed files carry no checkout path: the embedded models are named relative to the repository
     assert saved["models"]["receiver"]["path"] == "ds_study/assets/zoo/code"
+
+
+def test_continuous_targets_score_plans_by_nll_and_kl(tiny, tmp_path):
+    """search.target=nll|kl ranks plans by exp(-NLL) / exp(-KL) read from the same cells as the task
+    metric; under kl full prefill is 100 by definition, and a bad target is refused before any work."""
+    import math
+
+    import pytest
+    from tiny_pair import compose, pair_overrides
+
+    from ds_study import metrics, profile
+
+    common = pair_overrides(tiny[0], tiny[1], tmp_path) + ["limit=3", "threads=1", "workers=1", "deviation=false",
+                                                           "search.granularity=[4]", "search.sensitivity=false"]
+    by_kl = profile.main(compose("profile", common + ["search.target=kl"]))["search"]
+    assert by_kl["target"] == "kl" and by_kl["base"] == 100.0
+    front = [r for r in by_kl["exhaustive"][4]["frontier"] if r["score"] is not None]
+    assert all(r["score"] <= 100.0 for r in front) and front[-1]["score"] == 100.0 > front[0]["score"]
+    by_nll = profile.main(compose("profile", common + ["search.target=nll"]))["search"]
+    assert by_nll["cells_computed"] == 0  # the same cells, read again
+    row = {"score": 0.5, "nll": 0.7, "kl": 0.1}
+    assert metrics.example_value(row, "nll") == pytest.approx(math.exp(-0.7))
+    assert metrics.example_value(row, "task") == 0.5
+    with pytest.raises(ValueError, match="search.target must be task | nll | kl"):
+        profile.main(compose("profile", common + ["search.target=f1"]))
