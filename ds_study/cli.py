@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-CONF_DIR = PACKAGE_DIR.parent / "conf"
+CONF_DIR = PACKAGE_DIR / "conf"  # the Hydra configs ship with the package
 VERBOSE_FLAG = "--verbose"
 HINT = f"({VERBOSE_FLAG} or HYDRA_FULL_ERROR=1 shows the traceback)"
 EXIT_USER_ERROR = 2

@@ -7,7 +7,7 @@
 Writes a new directory under ``results/runs/``: config.yaml, env.json, samples.jsonl (one line per
 example and plan), summary.json, deviation.csv (per layer: mean of k_dev, v_dev, e_dev, cosines,
 attn_cos, and their std/p25/p75 over examples), deviation_per_example.csv and deviation.png.
-With ``search.enabled`` (the default, conf/search.yaml) it then profiles recompute groups
+With ``search.enabled`` (the default, ds_study/conf/search.yaml) it then profiles recompute groups
 (ds_study.search): critical layers, the frontier, the selected plans for each delta, and the
 greedy-vs-exhaustive table, into the same run directory (points_g*.csv, frontier_g*.csv, greedy.csv,
 search.json). ``search.publish=true`` also writes them to ``results/search/<pair>/<dataset>/`` (the

@@ -34,8 +34,16 @@ from ds_study.caches import ContextCache
 from ds_study.executor import Decoded, GroupMemo, Plan, capture, decode, parse_plan, run_plan
 from ds_study.pair import ModelPair, load_pair
 
+# The Hydra configs ship with the package (package data), so a non-editable install finds them too.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+# The checkout the package runs from; in a non-editable install this is site-packages, which is no
+# git checkout (``in_checkout`` is False) and environment() then records no commit.
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
+
+
+def in_checkout() -> bool:
+    """The package runs from a git checkout (an editable install or the source tree)."""
+    return (REPO_ROOT / ".git").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,13 +498,17 @@ def batch_size_of(cfg: DictConfig) -> int:
 def environment(device: str) -> dict:
     import transformers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+    commit, dirty = None, None  # not a checkout (a non-editable install) or no git: unknown
+    if in_checkout():
+        try:
+            head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  timeout=10)
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                    capture_output=True, text=True, timeout=10)
+            if head.returncode == 0 and status.returncode == 0:
+                commit, dirty = head.stdout.strip(), bool(status.stdout.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
     dev = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else platform.processor() or platform.machine()
     from ds_study import __version__
 

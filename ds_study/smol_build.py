@@ -1,7 +1,7 @@
 """Build the smol family's fine-tunes: LoRA adapters of SmolLM2-135M on the embedded tasks.
 
 Each variant is trained from the fetched base (``ds_study.smol``) on its task's train split, with
-the recipe in ``conf/zoo_smol.yaml``, deterministically on CPU. What is committed is the adapter
+the recipe in ``ds_study/conf/zoo_smol.yaml``, deterministically on CPU. What is committed is the adapter
 (safetensors, rounded to ``save_dtype``) and a manifest with its sha256, the exact recipe, the
 data hashes, train and validation losses, build time and machine, so that nobody waits for
 training and anyone can check a rebuild:

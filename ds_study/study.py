@@ -5,7 +5,7 @@
     python -m ds_study.study model_pair=custom model_pair.receiver=DIR model_pair.sender=DIR \\
         model_pair.task=hotpotqa 'study.quality.datasets=[hotpotqa,2wikimqa]' 'study.transfer.datasets=[...]'
 
-Jobs (conf/study/*.yaml), each writing its files into the run's own directory,
+Jobs (ds_study/conf/study/*.yaml), each writing its files into the run's own directory,
 ``<run>/study/<pair>/...`` (``python -m ds_study.figures --results <run>`` plots them). Only with
 ``study.publish=true`` (the explicit "regenerate the committed results" step) are they also copied
 to the stable ``results/study/<pair>/`` (or ``study_root``) that ``python -m ds_study.figures`` reads:

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 ZOO_DIR = Path(__file__).resolve().parent / "assets" / "zoo"
 MANIFEST = "manifest.json"
 CORPUS = Path(__file__).resolve().parent / "assets" / "corpus" / "pretrain.txt.gz"
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 REBUILD_HINT = "rebuild it with `python -m ds_study.zoo out=ds_study/assets/zoo` (about 40 min on 2 CPU cores)"
 
 
@@ -96,7 +96,7 @@ def variant_path(name: str, root: Path = ZOO_DIR) -> Path:
     if name in manifest.get("not_committed", {}).get("variants", {}):
         raise ZooError(f"zoo variant {name!r} is not committed: the 2M family is a test fixture of "
                        f"{', '.join(sorted(manifest['variants']))} only; rebuild it with `python -m ds_study.zoo` "
-                       f"or use a smol pair (conf/model_pair/smol_*.yaml)")
+                       f"or use a smol pair (ds_study/conf/model_pair/smol_*.yaml)")
     if name not in manifest["variants"]:
         raise ZooError(f"unknown zoo variant {name!r}; available: {sorted(manifest['variants'])}")
     return root / name

@@ -41,7 +41,7 @@ DEFAULT_PLANS = ["full_prefill", "full_reuse", "sender", "reuse_only:10", "0-5",
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pair", default="smol_sum_code", help="a conf/model_pair name")
+    ap.add_argument("--pair", default="smol_sum_code", help="a ds_study/conf/model_pair name")
     ap.add_argument("--examples", type=int, default=16, help="profiling examples (first N)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--plans", nargs="+", default=DEFAULT_PLANS)

@@ -636,7 +636,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=("quality", "bandwidth", "timeline", "spans", "figures", "all"))
-    p.add_argument("--receiver", default="zoo:code", help="default: conf/model_pair/tiny.yaml")
+    p.add_argument("--receiver", default="zoo:code", help="default: ds_study/conf/model_pair/tiny.yaml")
     p.add_argument("--sender", default="zoo:qa")
     p.add_argument("--receiver-b", default="zoo:qa", help="timeline: the second receiver (B; the committed timeline runs used zoo:sum, no longer in the fixture)")
     p.add_argument("--task", default="pycode")

@@ -35,8 +35,8 @@ GOLDEN_DIR = ROOT / "results" / "golden"
 
 
 def default_pair() -> str:
-    """The pair conf/profile.yaml profiles by default (``- model_pair: NAME``)."""
-    text = (ROOT / "conf" / "profile.yaml").read_text()
+    """The pair ds_study/conf/profile.yaml profiles by default (``- model_pair: NAME``)."""
+    text = (ROOT / "ds_study" / "conf" / "profile.yaml").read_text()
     return re.search(r"^\s*-\s*model_pair:\s*(\S+)", text, re.M).group(1)
 
 

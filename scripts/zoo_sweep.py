@@ -3,7 +3,7 @@
     python scripts/zoo_sweep.py --device cuda --recipes current copy copy_lr --limit 40
     python scripts/zoo_sweep.py --device cpu --recipes tiny_smoke --limit 2      # CPU smoke test
 
-Each recipe is a list of Hydra overrides of conf/zoo.yaml. The script builds the whole family per
+Each recipe is a list of Hydra overrides of ds_study/conf/zoo.yaml. The script builds the whole family per
 recipe (a base is reused between recipes whose tokenizer/model/pretraining settings agree), then
 scores each embedded pair's receiver and sender on the pair's task (profile split, the first
 ``--limit`` examples) with the same evaluator as profiling. It reports the training positions each

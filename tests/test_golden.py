@@ -59,7 +59,7 @@ def test_golden_check_without_a_run_says_what_to_run(tmp_path):
 
 
 def test_committed_golden_file_describes_the_default_pair():
-    """The golden file is that of the default pair (conf/profile.yaml), computed from the committed
+    """The golden file is that of the default pair (ds_study/conf/profile.yaml), computed from the committed
     models: the smol base (fetched, verified) with the committed adapters merged."""
     from omegaconf import OmegaConf
 
@@ -67,7 +67,7 @@ def test_committed_golden_file_describes_the_default_pair():
 
     pair = golden.default_pair()
     want = json.loads(golden.golden_path().read_text())
-    mp = OmegaConf.load(ROOT / "conf" / "model_pair" / f"{pair}.yaml")
+    mp = OmegaConf.load(ROOT / "ds_study" / "conf" / "model_pair" / f"{pair}.yaml")
     assert want["pair"] == pair and want["dataset"] == mp.task
     assert want["models"] == {"receiver": weights_sha256(local_dir(resolve(mp.receiver))),
                               "sender": weights_sha256(local_dir(resolve(mp.sender)))}

@@ -50,7 +50,7 @@ def write_dataset(path: Path, n: int = 3) -> Path:
 
 
 # The tests run on the 2M fixture (pair `tiny`) with the full profile's search settings, unless a
-# test says otherwise: the shipped default is a reduced profile of a smol pair (conf/profile.yaml).
+# test says otherwise: the shipped default is a reduced profile of a smol pair (ds_study/conf/profile.yaml).
 # Committed cells (cells_seed) are never read by tests: each computes what it checks.
 FIXTURE_DEFAULTS = {"profile": {"model_pair": "tiny", "limit": "null", "search.granularity": "[2]",
                                 "search.sensitivity": "true", "cells_seed": "null"},
