@@ -74,13 +74,48 @@ def _block(items: list[Item], rows: list[list[int]], prefix_mask: torch.Tensor, 
     return ids, pos, torch.cat([prefix_mask, bmask], dim=1), [len(r) for r in rows]
 
 
-def as_cache(model, layers: list[tuple]):
+class _RoomyLayer:
+    """Mixin over transformers' DynamicLayer: appended K/V are written into preallocated room after
+    the context instead of concatenated to it, so a decoding step does not copy the whole context's
+    K/V of every layer (at 700 context tokens that copy costs as much as the step's matrix products).
+    ``keys``/``values`` stay views of the first n columns, so every other method works unchanged."""
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor, room: int):
+        P = k.shape[-2]
+        self._k = k.new_empty(*k.shape[:-2], P + room, k.shape[-1])
+        self._v = v.new_empty(*v.shape[:-2], P + room, v.shape[-1])
+        self._k[..., :P, :], self._v[..., :P, :] = k, v
+        self.device, self.is_initialized = k.device, True
+        self.keys, self.values = self._k[..., :P, :], self._v[..., :P, :]
+        return self
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n, m = self.keys.shape[-2], key_states.shape[-2]
+        if n + m > self._k.shape[-2]:  # out of room: make more (rare; room is sized by the caller)
+            keys, values = self.keys, self.values
+            self.fill(keys, values, 2 * m + keys.shape[-2] // 4)
+        self._k[..., n: n + m, :], self._v[..., n: n + m, :] = key_states, value_states
+        self.keys, self.values = self._k[..., : n + m, :], self._v[..., : n + m, :]
+        return self.keys, self.values
+
+
+def as_cache(model, layers: list[tuple], room: int = 0):
     """A transformers DynamicCache over the context's per-layer (K, V); appending to it never
-    changes the given tensors, so one plan's layers can back several passes."""
+    changes the given tensors, so one plan's layers can back several passes. ``room``: tokens that
+    will be appended (suffix, answer, decoded tokens), preallocated on full-attention layers."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
     dev = next(model.parameters()).device
-    return DynamicCache(ddp_cache_data=[(k.to(dev), v.to(dev)) for k, v in layers], config=model.config)
+    cache = DynamicCache(config=model.config)
+    roomy = type("RoomyDynamicLayer", (_RoomyLayer, DynamicLayer), {})
+    for i, (k, v) in enumerate(layers):
+        k, v = k.to(dev), v.to(dev)
+        if room > 0 and type(cache.layers[i]) is DynamicLayer:
+            cache.layers[i] = roomy().fill(k, v, room)
+        else:
+            cache.layers[i].update(k, v)
+    return cache
 
 
 def _crop(cache, n: int) -> None:
@@ -90,25 +125,25 @@ def _crop(cache, n: int) -> None:
         cache.crop(-extra)
 
 
-def _forward(model, cache, ids, pos, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits as float32, final-norm hidden states) of a block after the cached context."""
-    out = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-    return model.lm_head(out.last_hidden_state).float(), out.last_hidden_state
+def _hidden(model, cache, ids, pos, mask) -> torch.Tensor:
+    """Final-norm hidden states of a block after the cached context."""
+    return model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).last_hidden_state
 
 
 def teacher_forced(model, cache, prefix_mask, items: list[Item], pad_id: int):
     """Per row: log-probabilities [len(answer), vocab] at the answer's positions (suffix + answer fed
-    in) and the suffix's final-norm hidden states [len(suffix), hidden]."""
+    in) and the suffix's final-norm hidden states [len(suffix), hidden]. The vocabulary projection
+    runs at the answer's positions only (the rest would be most of the pass's cost)."""
     P = prefix_mask.shape[1]
     rows = [it.suffix + it.answer for it in items]
     ids, pos, mask, _ = _block(items, rows, prefix_mask, pad_id)
-    logits, hidden = _forward(model, cache, ids, pos, mask)
-    logp = torch.log_softmax(logits, dim=-1)
+    hidden = _hidden(model, cache, ids, pos, mask)
     _crop(cache, P)
     out, suffix_hidden = [], []
     for i, it in enumerate(items):
         s, a = len(it.suffix), len(it.answer)
-        out.append(logp[i, s - 1: s - 1 + a])  # position s-1+k predicts answer[k]
+        # position s-1+k predicts answer[k]
+        out.append(torch.log_softmax(model.lm_head(hidden[i, s - 1: s - 1 + a]).float(), dim=-1))
         suffix_hidden.append(hidden[i, :s])
     return out, suffix_hidden
 
@@ -118,11 +153,13 @@ def greedy(model, cache, prefix_mask, items: list[Item], pad_id: int, max_new_to
     """Greedy decoding of every row after its suffix; ``stop(ids)`` ends a row early (metrics.stop_rule)."""
     P = prefix_mask.shape[1]
     ids, pos, mask, lens = _block(items, [it.suffix for it in items], prefix_mask, pad_id)
-    logits, _ = _forward(model, cache, ids, pos, mask)
-    nxt = logits[torch.arange(len(items)), torch.tensor(lens, device=logits.device) - 1].argmax(-1)
+    rows = torch.arange(len(items), device=ids.device)
+    last = torch.tensor(lens, device=ids.device) - 1
+    hidden = _hidden(model, cache, ids, pos, mask)
+    nxt = model.lm_head(hidden[rows, last]).float().argmax(-1)
     gen: list[list[int]] = [[] for _ in items]
     done = [False] * len(items)
-    last_pos = pos[torch.arange(len(items)), torch.tensor(lens, device=pos.device) - 1]
+    last_pos = pos[rows, last]
     for step in range(max_new_tokens):
         for i, t in enumerate(nxt.tolist()):
             if done[i]:
@@ -137,8 +174,8 @@ def greedy(model, cache, prefix_mask, items: list[Item], pad_id: int, max_new_to
             break
         last_pos = last_pos + 1
         mask = torch.cat([mask, torch.ones((len(items), 1), dtype=mask.dtype, device=mask.device)], dim=1)
-        logits, _ = _forward(model, cache, nxt[:, None], last_pos[:, None], mask)
-        nxt = logits[:, -1].argmax(-1)
+        hidden = _hidden(model, cache, nxt[:, None], last_pos[:, None], mask)
+        nxt = model.lm_head(hidden[:, -1]).float().argmax(-1)
     _crop(cache, P)
     return gen
 
@@ -174,7 +211,8 @@ def evaluate_plans(receiver, sender, items: list[Item], plans, pad_id: int, max_
     ids, pmask = padded(items, pad_id, dev)
     own = capture(receiver, ids, with_embeds=False)  # the receiver's full prefill: the reference
     own_layers = list(zip(own.keys, own.values))
-    ref_cache = as_cache(receiver, own_layers)
+    room = max(len(it.suffix) + max(len(it.answer), max_new_tokens) for it in items) + 1
+    ref_cache = as_cache(receiver, own_layers, room)
     ref, ref_hidden = teacher_forced(receiver, ref_cache, pmask, items, pad_id)
     scache = memo = None
     if any(p.needs_sender for p in plans):
@@ -193,7 +231,7 @@ def evaluate_plans(receiver, sender, items: list[Item], plans, pad_id: int, max_
             else:  # cacheblend: its token selection is per context
                 layers = _pad_layers([partial_prefill(receiver, plan, it.prefix, _one_context(scache, i, len(it.prefix), it.prefix))
                                       for i, it in enumerate(items)], ids.shape[1])
-            cache = as_cache(model, layers)
+            cache = as_cache(model, layers, room)
         logp, hidden = (ref, ref_hidden) if plan.name == "full_prefill" else teacher_forced(model, cache, pmask, items, pad_id)
         tokens = greedy(model, cache, pmask, items, pad_id, max_new_tokens, eos_ids, stop)
         rows = []

@@ -384,6 +384,17 @@ def ranking_reliability(scores: dict[str, Sequence[float]], n_splits: int = 200,
             "spearman_p05": round(rhos[int(0.05 * len(rhos))], 3), "spearman_p95": round(rhos[int(0.95 * len(rhos))], 3)}
 
 
+def reliabilities(ev, points: Sequence[Point], examples) -> dict | None:
+    """Split-half ranking reliability of these plans under every quality target (``metrics.TARGETS``),
+    from the same cells: which signal can the profiling split rank plans by?"""
+    from ds_study.metrics import TARGETS, example_value
+
+    if len(examples) < 4 or len(points) < 3:
+        return None
+    return {t: ranking_reliability({p.plan: [example_value(ev.store.get(p.plan, ex.id), t) for ex in examples]
+                                    for p in points}) for t in TARGETS}
+
+
 def holdout_check(cfg, pair, task, table: list[dict], points: dict, n_layers: int) -> dict:
     """Score every plan of the comparison table on a held-out split and add its columns to ``table``.
 
@@ -603,9 +614,15 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
             pd.DataFrame(frontier_rows(front, budget)).to_csv(out / f"frontier_g{g}.csv", index=False)
             sel = selections(front, base, deltas, sc.delta_mode)
             result["exhaustive"][g] = {"evaluations": n_exhaustive(L, g), "frontier": frontier_rows(front, budget),
-                                       "selected": sel}
+                                       "selected": sel, "reliability": reliabilities(ev, pts, examples)}
             print_frontier(front, budget, f"frontier, exhaustive g={g} ({n_exhaustive(L, g)} plans x "
                                           f"{len(examples)} examples; full prefill {base:.2f} {label})")
+            rel = result["exhaustive"][g]["reliability"]
+            if rel:
+                print("  plan-ranking reliability (split-half Spearman, median [5%, 95%]) by target: " + "; ".join(
+                    f"{t} " + ("undefined" if r["spearman_median"] is None else
+                               f"{r['spearman_median']:.2f} [{r['spearman_p05']:.2f}, {r['spearman_p95']:.2f}]")
+                    for t, r in rel.items()))
 
     gre = None
     if sc.method in ("greedy", "both"):
