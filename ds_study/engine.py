@@ -1041,7 +1041,7 @@ class StoreLoader(threading.Thread):
 
 
 E_SOON_S = 5e-3  # streaming E: if the rest of E is due within this, recompute once over all of it
-# (each extra streamed step cost about 5 ms on the CPU benchmark at 20 Gbit/s; see README)
+# (each extra streamed step cost about 5 ms on the CPU benchmark at 20 Gbit/s; see docs/engine.md)
 
 
 def _and_advance(feed, arr: Arrivals, item: Item):

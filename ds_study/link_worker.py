@@ -4,7 +4,7 @@ Why a process and not a thread: a loader thread shares the interpreter lock with
 computes. Each time it wakes to hand over a chunk it takes the lock from the compute thread, and on
 this project's 2-core CPU machine that slowed a group's recomputation by 9% with a wake-up every
 2.6 ms and by 30% every 0.65 ms, while the same loop in another process cost nothing measurable
-(README, "Measurements on CPU"). A NIC or a copy engine does not take the receiver's interpreter
+(docs/engine.md, "Measurements on CPU"). A NIC or a copy engine does not take the receiver's interpreter
 lock either, so the worker is the more faithful model of a link.
 
 The worker imports no torch: it copies bytes between regions of a shared-memory arena (the staged

@@ -79,11 +79,48 @@ class Study:
                 "metric_version": metrics.get_metric(task.metric).version, "models": self.pair.identities(),
                 "command": command()}
 
+    def base_rows(self, dataset: str) -> list[dict]:
+        """The receiver's full-prefill cells on the dataset's examples."""
+        task, examples, ev = self.context(dataset)
+        return search.evaluate(ev, [parse_plan("full_prefill", self.L)], examples, "full prefill")["full_prefill"]
+
     def base(self, dataset: str) -> tuple[float, dict[str, float]]:
         """Receiver full-prefill quality and per-example scores."""
-        task, examples, ev = self.context(dataset)
-        rows = search.evaluate(ev, [parse_plan("full_prefill", self.L)], examples, "full prefill")["full_prefill"]
+        rows = self.base_rows(dataset)
         return search.quality(rows), {r["id"]: r["score"] for r in rows}
+
+    def deviation(self, dataset: str) -> pd.DataFrame:
+        """Per-layer K/V/E deviation and attention-output cosine between the pair's caches on the
+        dataset's examples (two forward passes per example, no decoding) -> ``<dataset>/deviation.csv``."""
+        from ds_study import deviation
+
+        path = self.out(dataset, "deviation.csv")
+        if path.exists():
+            return pd.read_csv(path)
+        task, examples, ev = self.context(dataset)
+        per_ex = []
+        for ex in examples:
+            s_cache, r_cache = ev.caches(ex, need_receiver=True)
+            per_ex += [{"id": ex.id, **r} for r in deviation.layer_deviation(self.pair.receiver, r_cache, s_cache)]
+        df = deviation.summarize(per_ex)
+        df.to_csv(path, index=False)
+        return df
+
+    def label_free(self, dataset: str, by_target: dict) -> dict:
+        """Critical layers without quality labels: Spearman correlation between each deviation-based
+        per-layer prior (``search.PRIORS``, from the deviation profile alone) and the measured
+        single-layer sensitivity (the drop from full prefill) under every quality target."""
+        self.deviation(dataset)  # writes deviation.csv if this run has not yet
+        dev_csv = self.out(dataset, "deviation.csv")
+        out = {}
+        for prior in search.PRIORS:
+            pred = pd.Series(search.layer_prior(dev_csv, prior))
+            out[prior] = {}
+            for t, r in by_target.items():
+                drop = pd.Series([r["full_prefill"] - x for x in r["layer_scores"]])
+                rho = pred.rank().corr(drop.rank())
+                out[prior][t] = None if pd.isna(rho) else round(float(rho), 3)
+        return out
 
     # ----------------------------------------------------------------------------------------
 
@@ -127,11 +164,29 @@ class Study:
         res = {**self.meta(task, examples), "full_prefill": base, "layer_scores": layer_scores,
                "critical_layers": crit, "critical_threshold": sc.critical_threshold,
                "critical_mode": sc.critical_mode}
+        # the same cells under the continuous targets, and the ranking predicted from deviation alone
+        by_target = {}
+        for t in metrics.TARGETS:
+            fp = search.quality(self.base_rows(dataset), t)
+            scores = [search.quality(rows[p.name], t) for p in plans]
+            by_target[t] = {"full_prefill": fp, "layer_scores": scores,
+                            "critical_layers": search.critical_layers(scores, fp, sc.critical_threshold,
+                                                                      sc.critical_mode)}
+        res["by_target"] = by_target
+        if len(examples) >= 4:  # Fig. 8's claim as a number: can one half of the inputs rank the layers as the other?
+            res["stability"] = {t: search.ranking_reliability(
+                {p.name: [metrics.example_value(r, t) for r in rows[p.name]] for p in plans}) for t in metrics.TARGETS}
+        res["prediction"] = self.label_free(dataset, by_target)
         runner.write_json(self.out(dataset, "sensitivity.json"), res)
         if verbose:
             label = res["metric_label"]
             print(f"  sensitivity {dataset}: full prefill {base:.2f} {label}; per layer "
                   + " ".join(f"{i}:{s:.1f}" for i, s in enumerate(layer_scores)) + f"; critical {crit}")
+            for t, r in by_target.items():
+                if t != "task":
+                    print(f"    under {t}: critical {r['critical_layers']}")
+            print("    label-free prediction (Spearman of deviation prior vs measured drop): " + "; ".join(
+                f"{prior}: " + ", ".join(f"{t} {v}" for t, v in r.items()) for prior, r in res["prediction"].items()))
         return res
 
     def propagation(self, dataset: str) -> pd.DataFrame:

@@ -207,7 +207,7 @@ def repeated_segments(pool: torch.Tensor, batch_size: int, seq_len: int, gen: to
 def copy_phase(cfg: DictConfig, model, train: torch.Tensor, device: str) -> dict:
     """Optional first pretraining phase on repeated segments of the corpus's most frequent tokens
     (``pretrain.copy_phase``; off when steps is 0). Measured with the probe: head dim 32 learns to
-    copy after about 1000 such steps, head dim 16 had not after 1300 (README, embedded family)."""
+    copy after about 1000 such steps, head dim 16 had not after 1300 (docs/fixture_family.md)."""
     c = cfg.pretrain.get("copy_phase") or {}
     if not c.get("steps"):
         return {}

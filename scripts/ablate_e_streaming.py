@@ -4,7 +4,7 @@
 
 Each round runs every setting (e_chunk_tokens 0 / 64 x gil_switch_s default / 2e-4) on every
 context, so drift in machine load hits all settings alike; prints the median pipelined TTFT (ms)
-per setting. The numbers quoted in the README's engine section came from this script.
+per setting. The numbers quoted in docs/engine.md came from this script.
 """
 import statistics
 import sys

@@ -56,6 +56,12 @@ def test_study_writes_every_result_file(results):
     sens = pd.read_csv(base / "pyqa" / "sensitivity.csv")
     assert list(sens.layer) == [0, 1, 2, 3] and {"change_p25", "change_p75", "critical"} <= set(sens.columns)
     assert len(pd.read_csv(base / "pyqa" / "sensitivity_per_example.csv")) == 4 * 2
+    sj = json.loads((base / "pyqa" / "sensitivity.json").read_text())
+    assert set(sj["by_target"]) == {"task", "nll", "kl"} and sj["by_target"]["kl"]["full_prefill"] == 100.0
+    assert all(len(sj["by_target"][t]["layer_scores"]) == 4 for t in sj["by_target"])
+    assert set(sj["prediction"]) == {"v_dev", "attn", "kv", "k_dev", "e_dev"}  # Spearman per prior and target
+    assert all(v is None or -1 <= v <= 1 for r in sj["prediction"].values() for v in r.values())
+    assert len(pd.read_csv(base / "pyqa" / "deviation.csv")) == 4
     prop = pd.read_csv(base / "pyqa" / "propagation.csv")
     assert prop.plan.iloc[0] == "full_reuse" and prop.n_groups.iloc[-1] == 1 and prop.n_groups.iloc[1] >= 2
     assert (prop.out_err_mean >= 0).all()
@@ -70,8 +76,9 @@ def test_study_rerun_computes_nothing(results, monkeypatch):
 
     root, _ = results
     calls = []
-    real_run = runner.Evaluator.run
-    monkeypatch.setattr(runner.Evaluator, "run", lambda self, p, ex: calls.append(p.name) or real_run(self, p, ex))
+    real = runner.batched.evaluate_plans
+    monkeypatch.setattr(runner.batched, "evaluate_plans",
+                        lambda receiver, sender, items, plans, *a, **k: calls.append(plans) or real(receiver, sender, items, plans, *a, **k))
     cfg = compose("study", pair_overrides(root / "receiver", root / "sender", root)
                   + ["limit=2", "workers=1", f"study_root={root / 'results' / 'study'}", "study.publish=true"])
     again = study.main(cfg)

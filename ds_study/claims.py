@@ -1,0 +1,236 @@
+"""The claims table: each finding of the paper, what this toolkit measured on each pair, and a verdict.
+
+    python -m ds_study.claims                      # writes results/claims.md from the committed result files
+    python -m ds_study.claims --results DIR --out FILE
+
+Built from result files only (never from a model run), like the figures: the pair table
+(``results/pairs_smol.json``), the study's per-pair files (``results/study/<pair>/...``) and the
+published searches (``results/search/<pair>/<task>/search.json``). A finding whose files are not
+there yet says so, with the command that makes them. Verdicts:
+
+- **agree** / **disagree**: the measurement (with its interval where it has one) is on one side;
+- **not resolved**: the interval spans the paper's claim, or the pairs disagree among themselves;
+- **not measured yet**: the result files are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+PAIRS = ("smol_sum_code", "smol_sum", "smol_qa", "smol_code", "smol_qa_code")
+TASK = {"smol_sum_code": "pysum", "smol_sum": "pysum", "smol_qa": "pyqa", "smol_code": "pycode", "smol_qa_code": "pyqa"}
+STUDY = "python -m ds_study.study model_pair={pair} study.publish=true"
+PROFILE = ("python -m ds_study.profile --config-name profile_full model_pair={pair} search.method=both "
+           "search.granularity=[1,2] search.greedy_granularity=2 search.holdout_split=test search.publish=true")
+
+
+@dataclass
+class Claim:
+    finding: str  # the paper's finding, as the paper notes state it
+    measure: Callable[[Path, str], str | None]  # (results root, pair) -> what was measured, or None (no files)
+    verdict: Callable[[list[str | None], Path], str]  # measurements of every pair -> verdict
+    command: str
+
+
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements, one per finding
+
+
+def _pair_row(root: Path, pair: str) -> dict | None:
+    table = _json(root / "pairs_smol.json") or {"pairs": []}
+    return next((r for r in table["pairs"] if r["pair"] == pair), None)
+
+
+def full_reuse(root: Path, pair: str) -> str | None:
+    r = _pair_row(root, pair)
+    if r is None:
+        return None
+    m, lo, hi = (100 * x for x in r["reuse_minus_receiver"])
+    return f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}] of {100 * r['receiver_score'][0]:.1f} ({-m / (100 * r['receiver_score'][0]):.0%} of the points)"
+
+
+def _loss_fraction(root: Path, pair: str) -> float | None:
+    r = _pair_row(root, pair)
+    return None if r is None else -r["reuse_minus_receiver"][0] / r["receiver_score"][0]
+
+
+def critical_share(root: Path, pair: str) -> str | None:
+    s = _json(root / "study" / pair / TASK[pair] / "sensitivity.json")
+    if s is None:
+        return None
+    parts = []
+    for t, r in (s.get("by_target") or {"task": {"critical_layers": s["critical_layers"]}}).items():
+        parts.append(f"{t}: {len(r['critical_layers'])}/{s['n_layers']} {r['critical_layers']}")
+    return "; ".join(parts)
+
+
+def stability(root: Path, pair: str) -> str | None:
+    s = _json(root / "study" / pair / TASK[pair] / "sensitivity.json")
+    if s is None or "stability" not in s:
+        return None
+    return "; ".join(f"{t}: {r['spearman_median']} [{r['spearman_p05']}, {r['spearman_p95']}]"
+                     for t, r in s["stability"].items() if r.get("spearman_median") is not None) or "undefined"
+
+
+def contiguity(root: Path, pair: str) -> str | None:
+    p = root / "study" / pair / TASK[pair] / "propagation.csv"
+    if not p.is_file():
+        return None
+    df = pd.read_csv(p)
+    multi, one = df[df.n_groups >= 2], df[df.n_groups == 1]
+    if multi.empty or one.empty:
+        return "no multi-group plan"
+    a, b = multi.iloc[0], one.iloc[-1]
+    return (f"{a.plan} ({a.transitions} transitions): out_err {a.out_err_mean:.3f}, {a.score:.1f}; "
+            f"{b.plan} (1): out_err {b.out_err_mean:.3f}, {b.score:.1f}")
+
+
+def granularity(root: Path, pair: str) -> str | None:
+    s = _json(root / "search" / pair / TASK[pair] / "search.json")
+    if s is None or not {"1", "2"} <= set(s.get("exhaustive", {})):
+        return None
+    e1, e2 = s["exhaustive"]["1"], s["exhaustive"]["2"]
+    b1 = [r["budget_score"] for r in e1["frontier"]]
+    b2 = [r["budget_score"] for r in e2["frontier"]]
+    gap = max(x - y for x, y in zip(b1, b2) if x is not None and y is not None)
+    return f"{e1['evaluations']} vs {e2['evaluations']} plans ({e1['evaluations'] / e2['evaluations']:.1f}x); largest frontier gap {gap:.1f}"
+
+
+def transfer(root: Path, pair: str) -> str | None:
+    p = root / "study" / pair / "transfer.csv"
+    if not p.is_file():
+        return None
+    df = pd.read_csv(p)
+    cross = df[df.source != df.target]
+    return f"gap mean {cross.gap.abs().mean():.1f}, max {cross.gap.abs().max():.1f} points"
+
+
+def selected(root: Path, pair: str) -> str | None:
+    s = _json(root / "search" / pair / TASK[pair] / "search.json")
+    if s is None or "exhaustive" not in s:
+        return None
+    g = min(s["exhaustive"], key=int)
+    return "; ".join(f"delta {x['delta']:g}: {x['k']}/{s['n_layers']}" for x in s["exhaustive"][g]["selected"])
+
+
+# --------------------------------------------------------------------------------------------
+# Verdicts
+
+
+def _missing(ms) -> bool:
+    return all(m is None for m in ms)
+
+
+def verdict_full_reuse(ms, root: Path) -> str:
+    fr = [f for f in (_loss_fraction(root, p) for p in PAIRS) if f is not None]
+    if not fr:
+        return "not measured yet"
+    big = sum(f > 0.5 for f in fr)
+    return (f"agree ({big} of {len(fr)} pairs lose more than half)" if big > len(fr) / 2
+            else f"disagree: {big} of {len(fr)} pairs lose more than half; at most {max(fr):.0%} of the points")
+
+
+def verdict_measured(ms, root: Path) -> str:
+    return "not measured yet" if _missing(ms) else "see measurements (no single threshold in the paper)"
+
+
+def verdict_critical(ms, root: Path) -> str:
+    shares = []
+    for p in PAIRS:
+        s = _json(root / "study" / p / TASK[p] / "sensitivity.json")
+        if s is not None:
+            shares.append(len(s["critical_layers"]) / s["n_layers"])
+    if not shares:
+        return "not measured yet"
+    mean = sum(shares) / len(shares)
+    return (f"agree ({mean:.0%} on average, task metric)" if 0.05 <= mean <= 0.2
+            else f"disagree ({mean:.0%} on average, task metric)")
+
+
+def verdict_stability(ms, root: Path) -> str:
+    vals = []
+    for p in PAIRS:
+        s = _json(root / "study" / p / TASK[p] / "sensitivity.json")
+        r = (s or {}).get("stability", {}).get("task")
+        if r and r.get("spearman_p05") is not None:
+            vals.append(r)
+    if not vals:
+        return "not measured yet"
+    if all(r["spearman_p05"] >= 0.7 for r in vals):
+        return "agree (layer ranking split-half Spearman >= 0.7 on every measured pair)"
+    if all(r["spearman_p95"] < 0.7 for r in vals):
+        return "disagree (task-metric layer ranking below 0.7 on every measured pair)"
+    return "not resolved"
+
+
+def verdict_contiguity(ms, root: Path) -> str:
+    wins = []
+    for p in PAIRS:
+        f = root / "study" / p / TASK[p] / "propagation.csv"
+        if f.is_file():
+            df = pd.read_csv(f)
+            multi, one = df[df.n_groups >= 2], df[df.n_groups == 1]
+            if not multi.empty and not one.empty:
+                wins.append(one.out_err_mean.iloc[-1] < multi.out_err_mean.iloc[0])
+    if not wins:
+        return "not measured yet"
+    return "agree (lower output error)" if all(wins) else ("disagree" if not any(wins) else "not resolved")
+
+
+CLAIMS = [
+    Claim("Full reuse loses more than half of the accuracy points on most pairs (Fig. 6)", full_reuse,
+          verdict_full_reuse, "python -m ds_study.pairs --out results/pairs_smol"),
+    Claim("About 11% of layers are critical: reusing one layer's KV drops quality by more than 10% (Fig. 7)",
+          critical_share, verdict_critical, STUDY),
+    Claim("Critical layers are stable across inputs (Fig. 8): split-half reliability of the per-layer ranking",
+          stability, verdict_stability, STUDY),
+    Claim("One contiguous group beats the same layers with transitions (Fig. 10): output error, quality",
+          contiguity, verdict_contiguity, STUDY),
+    Claim("2-layer granularity costs about 3x less with a similar frontier (§3.2)", granularity, verdict_measured,
+          PROFILE),
+    Claim("Profiles transfer across datasets: frontier gaps of at most 4, 2 on average (Fig. 17)", transfer,
+          verdict_measured, STUDY),
+    Claim("Selected plans recompute few layers (11 of 32 within 5% for glue_sst2/conllpp)", selected,
+          verdict_measured, PROFILE),
+]
+
+
+def build(root: Path) -> str:
+    head = "| paper finding | " + " | ".join(PAIRS) + " | verdict | command |"
+    lines = [head, "|" + "---|" * (len(PAIRS) + 3)]
+    for c in CLAIMS:
+        ms = [c.measure(root, p) for p in PAIRS]
+        cells = [m if m is not None else "not measured yet" for m in ms]
+        cmd = c.command.format(pair="PAIR")
+        lines.append(f"| {c.finding} | " + " | ".join(cells) + f" | {c.verdict(ms, root)} | `{cmd}` |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default="results", help="results root holding pairs_smol.json, study/, search/")
+    ap.add_argument("--out", default=None, help="markdown file (default: <results>/claims.md)")
+    a = ap.parse_args(argv)
+    root = Path(a.results)
+    if not root.is_dir():
+        ap.error(f"no results directory {root}; pass --results DIR")
+    text = ("Built by `python -m ds_study.claims` from the result files under `results/` (never from a model "
+            "run). Intervals are bootstrap 95% over examples; differences are paired.\n\n" + build(root) + "\n")
+    out = Path(a.out) if a.out else root / "claims.md"
+    out.write_text(text)
+    print(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
