@@ -201,10 +201,11 @@ def _start(plan: Plan) -> tuple:
 
 @torch.no_grad()
 def evaluate_plans(receiver, sender, items: list[Item], plans, pad_id: int, max_new_tokens: int, eos_ids: set[int],
-                   stop=None, out_err: bool = False) -> dict[str, list[dict]]:
+                   stop=None, out_err: bool = False, on_plan=None) -> dict[str, list[dict]]:
     """{plan name: [{"tokens", "nll", "kl"[, "out_err"]} per item]} for every plan, on one batch.
 
-    ``plans``: Plan objects or anything ``parse_plan`` accepts."""
+    ``plans``: Plan objects or anything ``parse_plan`` accepts. ``on_plan(plan, rows)`` is called as
+    soon as each plan is done (a caller stores its cells then: an interruption loses one plan's work)."""
     n_layers = receiver.config.num_hidden_layers
     plans = sorted((parse_plan(p, n_layers) for p in plans), key=_start)
     dev = next(receiver.parameters()).device
@@ -243,6 +244,8 @@ def evaluate_plans(receiver, sender, items: list[Item], plans, pad_id: int, max_
                 row["out_err"] = rel_l2(hidden[i], ref_hidden[i])
             rows.append(row)
         out[plan.name] = rows
+        if on_plan is not None:
+            on_plan(plan, rows)
     return out
 
 

@@ -361,7 +361,8 @@ class Evaluator:
 
     def compute(self, plans: list[Plan], examples: list[Example], out_err: bool = False, progress=None) -> None:
         """Compute and store the missing cells of plans x examples, ``batch_size`` examples at a time
-        (shortest contexts together, so little is padding); ``progress(n)`` after every batch."""
+        (shortest contexts together, so little is padding). Each plan's cells are stored as soon as the
+        plan is done for the batch, and ``progress(n)`` is called then."""
         tok, task = self.pair.tokenizer, self.task
         todo = sorted((ex for ex in examples if any(self.missing(p, ex, out_err) for p in plans)),
                       key=lambda ex: len(ex.prompt.prefix_ids))
@@ -371,27 +372,33 @@ class Evaluator:
             need = [p for p in plans if any(q is p for q, _ in want)]
             items = [batched.Item(ex.prompt.prefix_ids, ex.prompt.suffix_ids,
                                   data.answer_ids(tok, task, ex.record["answers"][0])) for ex in chunk]
-            t0 = time.perf_counter()
-            got = batched.evaluate_plans(self.pair.receiver, self.pair.sender, items, need, tok.pad_token_id,
-                                         task.max_new_tokens, {tok.eos_token_id}, stop=self.stop, out_err=out_err)
-            secs = (time.perf_counter() - t0) / (len(chunk) * len(need))
             index = {ex.id: i for i, ex in enumerate(chunk)}
-            for p, ex in want:
-                r = got[p.name][index[ex.id]]
-                pred = prediction_text(tok, r["tokens"])
-                row = {"plan": p.name, "id": ex.id, "n_recomputed": p.n_recomputed() if p.kind == "groups" else None,
-                       "prediction": pred, "answers": ex.record["answers"], "score": score(task, pred, ex.record),
-                       "metric": task.metric, "nll": round(r["nll"], 6), "kl": round(r["kl"], 6),
-                       "seconds": round(secs, 4), "batch": len(chunk), "input": ex.input_sha}
-                if out_err:
-                    row["out_err"] = r["out_err"]
-                self.n_run += 1
-                if self.store is not None:
-                    self.store.add(row)
-                else:
-                    self._mem[(p.name, ex.id)] = row
-            if progress is not None:
-                progress(len(want))
+            t0 = time.perf_counter()
+
+            def store(plan: Plan, rows: list[dict]) -> None:  # each plan's cells as soon as it is done
+                nonlocal t0
+                secs, t0 = (time.perf_counter() - t0) / len(chunk), time.perf_counter()
+                done = [(p, ex) for p, ex in want if p.name == plan.name]
+                for p, ex in done:
+                    r = rows[index[ex.id]]
+                    pred = prediction_text(tok, r["tokens"])
+                    row = {"plan": p.name, "id": ex.id, "n_recomputed": p.n_recomputed() if p.kind == "groups" else None,
+                           "prediction": pred, "answers": ex.record["answers"], "score": score(task, pred, ex.record),
+                           "metric": task.metric, "nll": round(r["nll"], 6), "kl": round(r["kl"], 6),
+                           "seconds": round(secs, 4), "batch": len(chunk), "input": ex.input_sha}
+                    if out_err:
+                        row["out_err"] = r["out_err"]
+                    self.n_run += 1
+                    if self.store is not None:
+                        self.store.add(row)
+                    else:
+                        self._mem[(p.name, ex.id)] = row
+                if progress is not None:
+                    progress(len(done))
+
+            batched.evaluate_plans(self.pair.receiver, self.pair.sender, items, need, tok.pad_token_id,
+                                   task.max_new_tokens, {tok.eos_token_id}, stop=self.stop, out_err=out_err,
+                                   on_plan=store)
 
     def fill(self, plans: list[Plan], examples: list[Example], out_err: bool = False, min_cells: int = 40,
              desc: str = "cells") -> None:

@@ -94,3 +94,27 @@ def test_evaluator_cells_carry_signals_and_resume(setup, tmp_path):
     again = runner.Evaluator(pair, task, runner.CellStore(tmp_path, pair, task, "profile", 1024), batch_size=4)
     again.fill(plans, examples)
     assert again.n_run == 0 and again.cell(plans[2], examples[0]) == store.get(plans[2].name, examples[0].id)
+
+
+def test_an_interrupted_batch_keeps_the_plans_it_finished(setup, tmp_path, monkeypatch):
+    pair, task, _ = setup
+    examples = runner.prepare(pair, task, data.load_records("pycode", "profile", limit=3), 1024)
+    plans = [parse_plan(p, pair.n_layers) for p in ("full_prefill", "0-1", "2-5")]
+    store = runner.CellStore(tmp_path, pair, task, "profile", 1024)
+    real = batched.evaluate_plans
+
+    def interrupted(*args, on_plan=None, **kwargs):
+        seen = []
+
+        def hook(plan, rows):
+            on_plan(plan, rows)
+            seen.append(plan)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+        return real(*args, on_plan=hook, **kwargs)
+
+    monkeypatch.setattr(runner.batched, "evaluate_plans", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.Evaluator(pair, task, store, batch_size=3).fill(plans, examples)
+    kept = runner.CellStore(tmp_path, pair, task, "profile", 1024)
+    assert sum(kept.get(p.name, ex.id) is not None for p in plans for ex in examples) == 6  # two plans x 3
