@@ -71,15 +71,16 @@ def critical_share(root: Path, pair: str) -> str | None:
     parts = []
     for t, r in (s.get("by_target") or {"task": {"critical_layers": s["critical_layers"]}}).items():
         parts.append(f"{t}: {len(r['critical_layers'])}/{s['n_layers']} {r['critical_layers']}")
-    return "; ".join(parts)
+    return "; ".join(parts) + f" (n={s['n_examples']})"
 
 
 def stability(root: Path, pair: str) -> str | None:
     s = _json(root / "study" / pair / TASK[pair] / "sensitivity.json")
     if s is None or "stability" not in s:
         return None
-    return "; ".join(f"{t}: {r['spearman_median']} [{r['spearman_p05']}, {r['spearman_p95']}]"
-                     for t, r in s["stability"].items() if r.get("spearman_median") is not None) or "undefined"
+    return ("; ".join(f"{t}: {r['spearman_median']} [{r['spearman_p05']}, {r['spearman_p95']}]"
+                      for t, r in s["stability"].items() if r.get("spearman_median") is not None) or "undefined") \
+        + f" (n={s['n_examples']})"
 
 
 def contiguity(root: Path, pair: str) -> str | None:
@@ -144,33 +145,53 @@ def verdict_measured(ms, root: Path) -> str:
     return "not measured yet" if _missing(ms) else "see measurements (no single threshold in the paper)"
 
 
+def _sensitivities(root: Path) -> list[dict]:
+    return [s for s in (_json(root / "study" / p / TASK[p] / "sensitivity.json") for p in PAIRS) if s is not None]
+
+
+def _stable(s: dict, target: str) -> bool | None:
+    """Whether the per-layer ranking under ``target`` is reliable (split-half Spearman 5th percentile
+    >= 0.7), unreliable (95th percentile < 0.7), or neither (None)."""
+    r = (s.get("stability") or {}).get(target) or {}
+    if r.get("spearman_p05") is None:
+        return None
+    return True if r["spearman_p05"] >= 0.7 else False if r["spearman_p95"] < 0.7 else None
+
+
 def verdict_critical(ms, root: Path) -> str:
-    shares = []
-    for p in PAIRS:
-        s = _json(root / "study" / p / TASK[p] / "sensitivity.json")
-        if s is not None:
-            shares.append(len(s["critical_layers"]) / s["n_layers"])
-    if not shares:
+    sens = _sensitivities(root)
+    if not sens:
         return "not measured yet"
-    mean = sum(shares) / len(shares)
-    return (f"agree ({mean:.0%} on average, task metric)" if 0.05 <= mean <= 0.2
-            else f"disagree ({mean:.0%} on average, task metric)")
+    parts = []
+    for t in ("task", "kl"):
+        usable = [s for s in sens if _stable(s, t) and t in s.get("by_target", {"task": 0})]
+        if usable:
+            share = sum(len(s["by_target"][t]["critical_layers"]) / s["n_layers"] for s in usable) / len(usable)
+            parts.append(f"{t}: {share:.0%} critical on {len(usable)} pair(s) with a stable layer ranking")
+        else:
+            parts.append(f"{t}: no pair where this signal ranks layers reliably")
+    shares = [len(s["by_target"]["kl"]["critical_layers"]) / s["n_layers"] for s in sens
+              if _stable(s, "kl") and "by_target" in s]
+    if shares and all(x < 0.05 for x in shares):
+        return "disagree (" + "; ".join(parts) + ")"
+    if shares and all(0.05 <= x <= 0.2 for x in shares):
+        return "agree (" + "; ".join(parts) + ")"
+    return "not resolved (" + "; ".join(parts) + ")"
 
 
 def verdict_stability(ms, root: Path) -> str:
-    vals = []
-    for p in PAIRS:
-        s = _json(root / "study" / p / TASK[p] / "sensitivity.json")
-        r = (s or {}).get("stability", {}).get("task")
-        if r and r.get("spearman_p05") is not None:
-            vals.append(r)
-    if not vals:
+    sens = _sensitivities(root)
+    if not any("stability" in s for s in sens):
         return "not measured yet"
-    if all(r["spearman_p05"] >= 0.7 for r in vals):
-        return "agree (layer ranking split-half Spearman >= 0.7 on every measured pair)"
-    if all(r["spearman_p95"] < 0.7 for r in vals):
-        return "disagree (task-metric layer ranking below 0.7 on every measured pair)"
-    return "not resolved"
+    kl = [_stable(s, "kl") for s in sens if "stability" in s]
+    task = [_stable(s, "task") for s in sens if "stability" in s]
+    note = ("; the task metric cannot rank layers on these examples" if all(t is False for t in task)
+            else "")
+    if all(k is True for k in kl):
+        return "agree under KL (layer ranking split-half >= 0.7 on every measured pair)" + note
+    if all(k is False for k in kl):
+        return "disagree (KL layer ranking below 0.7 on every measured pair)" + note
+    return "not resolved" + note
 
 
 def verdict_contiguity(ms, root: Path) -> str:
