@@ -41,7 +41,7 @@ from transformers import DynamicCache
 
 from ds_study.caches import KINDS, CacheChecksumError, ContextCache, tensors_sha256
 from ds_study.link import Link, primed_sha256, sleep_until
-from ds_study.executor import (Plan, PlanError, check_supported, decode, greedy_after, groups_plan, lower_right_exact,
+from ds_study.executor import (Plan, PlanError, check_supported, decode, greedy_after, groups_plan, layer_runs, lower_right_exact,
                                parse_plan, prepare_suffix, recompute_group, recompute_group_streaming, run_layer,
                                streams_e_rows)
 
@@ -306,23 +306,13 @@ def repair_plan(plan: Plan, n_layers: int, bad_kv=(), bad_e=()) -> Plan:
     have_e = set(plan.transition_layers()) - set(bad_e)
     rec = set(plan.recomputed_layers()) | set(bad_kv)
     while True:
-        runs = _runs(sorted(rec))
+        runs = layer_runs(rec)
         orphan = next(((a, b) for a, b in runs if a > 0 and a not in have_e), None)
         if orphan is None:
             break
         prev_end = max((b for _, b in runs if b < orphan[0]), default=-1)
         rec |= set(range(prev_end + 1, orphan[0]))
     return groups_plan(runs, n_layers, label="repair:" + (",".join(f"{a}-{b}" for a, b in runs) or "none"))
-
-
-def _runs(layers: list[int]) -> list[tuple[int, int]]:
-    runs: list[list[int]] = []
-    for i in layers:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return [tuple(r) for r in runs]
 
 
 # --------------------------------------------------------------------------------------------

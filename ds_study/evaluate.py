@@ -10,28 +10,17 @@ from __future__ import annotations
 import json
 import time
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ds_study import metrics, runner
 from ds_study.cli import hydra_main
-from ds_study.executor import parse_plan
 from ds_study.profile import print_table, summarize_plans
-
-
-def plans_from(cfg: DictConfig, n_layers: int):
-    spec = OmegaConf.to_container(cfg.plan) if OmegaConf.is_config(cfg.plan) else cfg.plan
-    # one group list like [[2,5]] is one plan; a list of names/strings/group-lists is several plans
-    if isinstance(spec, list) and spec and isinstance(spec[0], list) and spec[0] and isinstance(spec[0][0], int):
-        specs = [spec]
-    else:
-        specs = spec if isinstance(spec, list) else [spec]
-    return [parse_plan(s, n_layers, cacheblend_ratio=cfg.cacheblend_ratio) for s in specs]
 
 
 def main(cfg: DictConfig) -> dict:
     task = runner.validate(cfg)
     runner.records_of(cfg, task)  # read before the weights load: a bad dataset fails in seconds
-    plans = plans_from(cfg, runner.receiver_layers(cfg))
+    plans = runner.plans_of(cfg.plan, runner.receiver_layers(cfg), cfg.cacheblend_ratio)
     pair = runner.load_pair_from(cfg)
     examples, ev = runner.evaluator_for(cfg, pair, task)
     run = runner.start_run(cfg, "evaluate", task)

@@ -84,6 +84,17 @@ class Plan:
     _n_layers: int = field(default=0, compare=False, repr=False)
 
 
+def layer_runs(layers) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive layer (or unit) indices: [5, 1, 2, 7, 8] -> [(1, 2), (5, 5), (7, 8)]."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(set(layers)):
+        if out and i == out[-1][1] + 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
+
+
 def groups_plan(groups, n_layers: int, label: str | None = None) -> Plan:
     groups = tuple(sorted((int(a), int(b)) for a, b in groups))
     for a, b in groups:

@@ -546,10 +546,12 @@ def start_run(cfg: DictConfig, job: str, task: data.TaskSpec) -> Path:
     return run
 
 
-def plans_of(cfg_plans, n_layers: int) -> list[Plan]:
-    plans = [cfg_plans] if isinstance(cfg_plans, str) else list(cfg_plans)
-    out = []
-    for p in plans:
-        p = OmegaConf.to_container(p) if OmegaConf.is_config(p) else p
-        out.append(parse_plan(p, n_layers))
-    return out
+def plans_of(cfg_plans, n_layers: int, cacheblend_ratio: float = 0.15) -> list[Plan]:
+    """The plans of a config value: one plan (a name, "a-b,c-d", or one group list like [[2, 5]]) or
+    a list of them. The one parser of plan lists (profile, evaluate, study)."""
+    spec = OmegaConf.to_container(cfg_plans) if OmegaConf.is_config(cfg_plans) else cfg_plans
+    if isinstance(spec, list) and spec and isinstance(spec[0], list) and spec[0] and isinstance(spec[0][0], int):
+        specs = [spec]  # [[2, 5], [9, 9]]: one plan of two groups
+    else:
+        specs = spec if isinstance(spec, list) else [spec]
+    return [parse_plan(s, n_layers, cacheblend_ratio=cacheblend_ratio) for s in specs]

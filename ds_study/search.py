@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ds_study.executor import Plan, groups_plan, parse_plan
+from ds_study.executor import Plan, groups_plan, layer_runs, parse_plan
 
 # --------------------------------------------------------------------------------------------
 # Plans and scored points
@@ -174,17 +174,6 @@ class CountingOracle:
         return len(self.seen)
 
 
-def unit_runs(units: set[int]) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive unit indices: {0, 1, 4} -> [(0, 1), (4, 4)]."""
-    out: list[tuple[int, int]] = []
-    for u in sorted(units):
-        if out and u == out[-1][1] + 1:
-            out[-1] = (out[-1][0], u)
-        else:
-            out.append((u, u))
-    return out
-
-
 def greedy_evaluations(n_units: int, width: int) -> int:
     """Most plans the greedy scores: full reuse, full prefill, then up to ``width`` per growth step."""
     return 2 + width * max(0, n_units - 1)
@@ -233,12 +222,12 @@ def greedy(n_layers: int, g: int, score_fn: Callable[[list[tuple]], list[float]]
     log: list[str] = []
 
     def plan(chosen: set[int]) -> tuple:
-        return tuple((units[lo][0], units[hi][1]) for lo, hi in unit_runs(chosen))
+        return tuple((units[lo][0], units[hi][1]) for lo, hi in layer_runs(chosen))
 
     def candidates(chosen: set[int]) -> list[int]:
         free = [u for u in range(len(units)) if u not in chosen]
         adjacent = [u for u in free if u - 1 in chosen or u + 1 in chosen]
-        apart = [u for u in free if u not in adjacent and len(unit_runs(chosen | {u})) <= max_groups]
+        apart = [u for u in free if u not in adjacent and len(layer_runs(chosen | {u})) <= max_groups]
         ranked = [(unit_prior[u], u) for u in adjacent]
         if apart:  # a new group must beat extending by the margin
             far = min(apart, key=lambda u: (-unit_prior[u], u))

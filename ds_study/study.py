@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ds_study import metrics, runner, search
 from ds_study.cli import hydra_main
-from ds_study.executor import parse_plan
+from ds_study.executor import layer_runs, parse_plan
 
 JOBS = ("quality", "sensitivity", "propagation", "transfer")
 
@@ -195,7 +195,7 @@ class Study:
         task, examples, ev = self.context(dataset)
         sens = self.sensitivity(dataset, verbose=False)
         layers = critical_groups_layers(sens["layer_scores"], sens["critical_layers"], pc.top_k)
-        chain = merge_chain(runs(layers))
+        chain = merge_chain(layer_runs(layers))
         plans = [parse_plan("full_reuse", self.L)] + [search.plan_of(gr, self.L) for gr in chain]
         rows = search.evaluate(ev, plans, examples, f"propagation {dataset}", out_err=True)
         per_ex, summary = [], []
@@ -295,17 +295,6 @@ def command() -> str:
 # Groups for the propagation experiment
 
 
-def runs(layers) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive layers: [1, 2, 5] -> [(1, 2), (5, 5)]."""
-    out = []
-    for i in sorted(set(layers)):
-        if out and i == out[-1][1] + 1:
-            out[-1] = (out[-1][0], i)
-        else:
-            out.append((i, i))
-    return out
-
-
 def critical_groups_layers(layer_scores, critical, top_k: int) -> list[int]:
     """The critical layers; if they form fewer than 2 separate groups, the most sensitive other layers
     (lowest single-layer-reuse quality) not adjacent to them are added until there are 2 groups, then
@@ -314,10 +303,10 @@ def critical_groups_layers(layer_scores, critical, top_k: int) -> list[int]:
     ranked = sorted(range(len(layer_scores)), key=lambda i: (layer_scores[i], i))
 
     def keeps_apart(i):  # adds a separate group while there are < 2, never merges them back into one
-        n, n_new = len(runs(layers)), len(runs(layers + [i]))
+        n, n_new = len(layer_runs(layers)), len(layer_runs(layers + [i]))
         return n_new > n if n < 2 else n_new >= 2
 
-    while len(runs(layers)) < 2 or len(layers) < min(top_k, len(layer_scores)):
+    while len(layer_runs(layers)) < 2 or len(layers) < min(top_k, len(layer_scores)):
         cand = [i for i in ranked if i not in layers and keeps_apart(i)]
         if not cand:
             break

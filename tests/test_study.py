@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 
 from ds_study import figures, runner, study
-from ds_study.study import critical_groups_layers, merge_chain, runs
+from ds_study.executor import layer_runs
+from ds_study.study import critical_groups_layers, merge_chain
 
 
 def test_runs_and_merge_chain():
-    assert runs([5, 1, 2, 7, 8, 9]) == [(1, 2), (5, 5), (7, 9)]
+    assert layer_runs([5, 1, 2, 7, 8, 9]) == [(1, 2), (5, 5), (7, 9)]
     # the paper's example: critical 16-18, 20, 25-27 -> 3 transitions, then 2, then one group
     assert merge_chain([(16, 18), (20, 20), (25, 27)]) == [
         ((16, 18), (20, 20), (25, 27)), ((16, 20), (25, 27)), ((16, 27),)]
