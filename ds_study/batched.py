@@ -9,7 +9,9 @@ second of prefill and every decoded token 90 ms. Here B examples go through each
   batch unchanged, so a recompute group is one pass for the whole batch;
 - the suffix (and, for teacher forcing, the gold answer) follows at columns P.., with position ids
   continuing each row's own context length and a 2-D mask that hides the context padding;
-- greedy decoding then appends one token per row per step, finished rows idling.
+- one pass over suffix + answer gives the teacher-forced scores and the first greedy token (read at
+  the suffix's end); greedy decoding then appends one token per row per step into preallocated room,
+  the answer's columns masked out, finished rows idling.
 
 Beside the task metric, each example gets two continuous signals that need no decoding:
 
@@ -130,36 +132,33 @@ def _hidden(model, cache, ids, pos, mask) -> torch.Tensor:
     return model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).last_hidden_state
 
 
-def teacher_forced(model, cache, prefix_mask, items: list[Item], pad_id: int):
-    """Per row: log-probabilities [len(answer), vocab] at the answer's positions (suffix + answer fed
-    in) and the suffix's final-norm hidden states [len(suffix), hidden]. The vocabulary projection
-    runs at the answer's positions only (the rest would be most of the pass's cost)."""
+def score_and_decode(model, cache, prefix_mask, items: list[Item], pad_id: int, max_new_tokens: int,
+                     eos_ids: set[int], stop=None):
+    """One pass over each row's suffix + gold answer after the cached context gives (1) the answer's
+    log-probabilities [len(answer), vocab] (teacher forcing), (2) the suffix's final-norm hidden states
+    [len(suffix), hidden] and (3) the first greedy token, read at the suffix's last position, which
+    attention being causal is what a pass over the suffix alone computes. Greedy decoding then goes on
+    from there with the answer's columns masked out. The vocabulary projection runs only where it is
+    read. Returns (log-probabilities, suffix hidden states, decoded ids) per row; ``stop(ids)`` ends a
+    row early (metrics.stop_rule). The cache is cropped back to the context afterwards."""
     P = prefix_mask.shape[1]
-    rows = [it.suffix + it.answer for it in items]
-    ids, pos, mask, _ = _block(items, rows, prefix_mask, pad_id)
+    ids, pos, mask, _ = _block(items, [it.suffix + it.answer for it in items], prefix_mask, pad_id)
     hidden = _hidden(model, cache, ids, pos, mask)
-    _crop(cache, P)
-    out, suffix_hidden = [], []
+    logp, suffix_hidden = [], []
     for i, it in enumerate(items):
         s, a = len(it.suffix), len(it.answer)
         # position s-1+k predicts answer[k]
-        out.append(torch.log_softmax(model.lm_head(hidden[i, s - 1: s - 1 + a]).float(), dim=-1))
+        logp.append(torch.log_softmax(model.lm_head(hidden[i, s - 1: s - 1 + a]).float(), dim=-1))
         suffix_hidden.append(hidden[i, :s])
-    return out, suffix_hidden
-
-
-def greedy(model, cache, prefix_mask, items: list[Item], pad_id: int, max_new_tokens: int, eos_ids: set[int],
-           stop=None) -> list[list[int]]:
-    """Greedy decoding of every row after its suffix; ``stop(ids)`` ends a row early (metrics.stop_rule)."""
-    P = prefix_mask.shape[1]
-    ids, pos, mask, lens = _block(items, [it.suffix for it in items], prefix_mask, pad_id)
     rows = torch.arange(len(items), device=ids.device)
-    last = torch.tensor(lens, device=ids.device) - 1
-    hidden = _hidden(model, cache, ids, pos, mask)
+    last = torch.tensor([len(it.suffix) - 1 for it in items], device=ids.device)
+    mask = mask.clone()
+    for i, it in enumerate(items):
+        mask[i, P + len(it.suffix):] = 0  # decoding follows the suffix, not the gold answer
     nxt = model.lm_head(hidden[rows, last]).float().argmax(-1)
+    last_pos = pos[rows, last]
     gen: list[list[int]] = [[] for _ in items]
     done = [False] * len(items)
-    last_pos = pos[rows, last]
     for step in range(max_new_tokens):
         for i, t in enumerate(nxt.tolist()):
             if done[i]:
@@ -174,10 +173,10 @@ def greedy(model, cache, prefix_mask, items: list[Item], pad_id: int, max_new_to
             break
         last_pos = last_pos + 1
         mask = torch.cat([mask, torch.ones((len(items), 1), dtype=mask.dtype, device=mask.device)], dim=1)
-        hidden = _hidden(model, cache, nxt[:, None], last_pos[:, None], mask)
-        nxt = model.lm_head(hidden[:, -1]).float().argmax(-1)
+        step_hidden = _hidden(model, cache, nxt[:, None], last_pos[:, None], mask)
+        nxt = model.lm_head(step_hidden[:, -1]).float().argmax(-1)
     _crop(cache, P)
-    return gen
+    return logp, suffix_hidden, gen
 
 
 def _one_context(cache: ContextCache, i: int, n: int, token_ids: list[int]) -> ContextCache:
@@ -212,9 +211,10 @@ def evaluate_plans(receiver, sender, items: list[Item], plans, pad_id: int, max_
     ids, pmask = padded(items, pad_id, dev)
     own = capture(receiver, ids, with_embeds=False)  # the receiver's full prefill: the reference
     own_layers = list(zip(own.keys, own.values))
-    room = max(len(it.suffix) + max(len(it.answer), max_new_tokens) for it in items) + 1
+    room = max(len(it.suffix) + len(it.answer) for it in items) + max_new_tokens + 1  # the block, then decoding
     ref_cache = as_cache(receiver, own_layers, room)
-    ref, ref_hidden = teacher_forced(receiver, ref_cache, pmask, items, pad_id)
+    ref, ref_hidden, ref_tokens = score_and_decode(receiver, ref_cache, pmask, items, pad_id, max_new_tokens, eos_ids,
+                                                   stop)
     scache = memo = None
     if any(p.needs_sender for p in plans):
         scache = capture(sender, ids, with_embeds=any(p.kind == "groups" and p.transition_layers() for p in plans))
@@ -222,8 +222,8 @@ def evaluate_plans(receiver, sender, items: list[Item], plans, pad_id: int, max_
     out: dict[str, list[dict]] = {}
     for plan in plans:
         model = sender if plan.kind == "sender" else receiver
-        if plan.name == "full_prefill":
-            layers, cache = own_layers, ref_cache
+        if plan.name == "full_prefill":  # the reference itself
+            logp, hidden, tokens = ref, ref_hidden, ref_tokens
         else:
             if plan.kind == "sender":
                 layers = list(zip(scache.keys, scache.values))
@@ -232,9 +232,8 @@ def evaluate_plans(receiver, sender, items: list[Item], plans, pad_id: int, max_
             else:  # cacheblend: its token selection is per context
                 layers = _pad_layers([partial_prefill(receiver, plan, it.prefix, _one_context(scache, i, len(it.prefix), it.prefix))
                                       for i, it in enumerate(items)], ids.shape[1])
-            cache = as_cache(model, layers, room)
-        logp, hidden = (ref, ref_hidden) if plan.name == "full_prefill" else teacher_forced(model, cache, pmask, items, pad_id)
-        tokens = greedy(model, cache, pmask, items, pad_id, max_new_tokens, eos_ids, stop)
+            logp, hidden, tokens = score_and_decode(model, as_cache(model, layers, room), pmask, items, pad_id,
+                                                    max_new_tokens, eos_ids, stop)
         rows = []
         for i, it in enumerate(items):
             gold = torch.tensor(it.answer, device=logp[i].device)
