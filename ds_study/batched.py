@@ -30,6 +30,7 @@ with the batch. Results agree with the batch-1 executor to float precision (test
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,14 @@ class _RoomyLayer:
         return self.keys, self.values
 
 
+@functools.lru_cache(maxsize=1)
+def _roomy_layer_class():
+    """_RoomyLayer over transformers' DynamicLayer, made once (transformers is imported on first use)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return type("RoomyDynamicLayer", (_RoomyLayer, DynamicLayer), {})
+
+
 def as_cache(model, layers: list[tuple], room: int = 0):
     """A transformers DynamicCache over the context's per-layer (K, V); appending to it never
     changes the given tensors, so one plan's layers can back several passes. ``room``: tokens that
@@ -110,7 +119,7 @@ def as_cache(model, layers: list[tuple], room: int = 0):
 
     dev = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
-    roomy = type("RoomyDynamicLayer", (_RoomyLayer, DynamicLayer), {})
+    roomy = _roomy_layer_class()
     for i, (k, v) in enumerate(layers):
         k, v = k.to(dev), v.to(dev)
         if room > 0 and type(cache.layers[i]) is DynamicLayer:
