@@ -29,8 +29,9 @@ from datetime import timedelta
 import torch
 
 from ds_study.caches import tensors_sha256
-from ds_study.engine import (Arrivals, Item, Link, Request, RequestResult, check_request, context_hash,
-                             error_line, execute, model_identity, transfer_items)
+from ds_study.link import Link
+from ds_study.serving import (Arrivals, Item, Request, RequestResult, check_request, context_hash, error_line,
+                              execute, model_identity, transfer_items)
 from ds_study.executor import LayerKV, run_layers
 
 SENDER, RECEIVER = 0, 1

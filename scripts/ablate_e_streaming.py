@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, 'scripts')
 import bench_ttft as B
-from ds_study import engine
-from ds_study.engine import Link
+from ds_study import serving as engine
+from ds_study.link import Link
 torch.set_num_threads(1)
 args = types.SimpleNamespace(receiver="zoo:code", sender="zoo:qa", task="pycode", examples=3, random=False, random_tokens=768, receiver_b="zoo:qa")
 S = B.load_setup(args)

@@ -36,8 +36,8 @@ from types import SimpleNamespace
 
 import torch
 
-from ds_study.engine import (Arrivals, Engine, KVStore, Link, Request, check_request, context_hash, entry_key,
-                             execute, graphs_for, publish, transfer_items)
+from ds_study.serving import (Arrivals, Engine, KVStore, Link, Request, check_request, context_hash, entry_key,
+                              execute, graphs_for, publish, transfer_items)
 from ds_study.executor import LayerKV, recompute_group, run_layers, suffix_pass
 
 SHAPES = {  # Llama-3-8B geometry (reference.md §2) and a tiny one for CPU tests

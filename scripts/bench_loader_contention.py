@@ -43,11 +43,12 @@ def main() -> None:
     from bench_ttft import environment
 
     from ds_study.data import TASKS, build_prompt, load_records
-    from ds_study.engine import (Arrivals, KVStore, Link, Request, StoreLoader, check_request, context_hash,
-                                 item_sources, model_identity, publish, transfer_items)
+    from ds_study.serving import (Arrivals, KVStore, Link, Request, check_request, context_hash, item_sources,
+                                  model_identity, publish, transfer_items)
+    from ds_study.serving.engine import StoreLoader
     from ds_study.executor import capture, recompute_group
     from ds_study.pair import load_pair
-    from ds_study.process_loader import WorkerRun
+    from ds_study.serving.loaders.process import WorkerRun
 
     torch.set_num_threads(1)
     pair = load_pair(args.receiver, args.sender)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from ds_study.engine import (Arrivals, Engine, KVStore, Link, Request, SimJob, check_request, context_hash, entry_key,
-                             execute, model_identity, publish, simulate, sum_ttft, transfer_items)
+from ds_study.serving import (Arrivals, Engine, KVStore, Link, Request, SimJob, check_request, context_hash, entry_key,
+                              execute, model_identity, publish, simulate, sum_ttft, transfer_items)
 from ds_study.executor import capture
 
 ROOT = Path(__file__).resolve().parents[1]

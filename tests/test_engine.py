@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ds_study.caches import CacheChecksumError, tensors_sha256
-from ds_study.engine import (Arrivals, Engine, EngineError, EntryKey, Item, KVStore, Link, Request, SimJob,
-                             StoreMiss, check_request, context_hash, entry_hasher, entry_key, execute, publish,
-                             repair_plan, simulate, sum_ttft, transfer_items)
+from ds_study.serving import (Arrivals, Engine, EngineError, EntryKey, Item, KVStore, Link, Request, SimJob,
+                              StoreMiss, check_request, context_hash, entry_hasher, entry_key, execute, publish,
+                              repair_plan, simulate, sum_ttft, transfer_items)
 from ds_study.executor import PlanError, capture, decode, parse_plan, partial_prefill
 from test_executor import prompt, tiny_model
 
@@ -205,7 +205,7 @@ def test_suffix_graph_steps_attend_with_grouped_kv_heads(monkeypatch):
     """No K/V repeat per query head in the graphed pass: SDPA gets the KV heads as they are."""
     from torch.nn.attention.bias import CausalBias
 
-    from ds_study.engine import SuffixGraphs
+    from ds_study.serving import SuffixGraphs
 
     model = tiny_model("llama")  # 4 query heads, 2 KV heads
     seen, dispatch = [], CausalBias._dispatch
@@ -222,13 +222,13 @@ def test_suffix_graph_steps_attend_with_grouped_kv_heads(monkeypatch):
 
 
 def engine_graphs(model):
-    from ds_study.engine import _GRAPHS
+    from ds_study.serving.engine import _GRAPHS
 
     return _GRAPHS.get(model, {})
 
 
 def test_suffix_graphs_need_an_exact_lower_right_pass():
-    from ds_study.engine import SuffixGraphs
+    from ds_study.serving import SuffixGraphs
 
     model = tiny_model("llama")
     with pytest.raises(EngineError, match="graphed final pass"):
@@ -475,7 +475,7 @@ def test_a_loader_error_fails_every_request_at_once_with_its_cause(monkeypatch):
 
 @pytest.mark.parametrize("loader", ["thread", "process"])
 def test_a_request_that_raises_leaves_no_loader_behind(loader):
-    from ds_study import process_loader
+    from ds_study.serving.loaders import process as process_loader
 
     receiver, _, sc, store, prefix, suffix = setup()
     reqs = [Request("A", receiver, "r", "s", "2-3", prefix, [5, 10 ** 6]),  # token outside the vocabulary
@@ -490,7 +490,7 @@ def test_a_request_that_raises_leaves_no_loader_behind(loader):
 
 
 def _workers_in_use():
-    from ds_study import process_loader
+    from ds_study.serving.loaders import process as process_loader
 
     return [w for w in process_loader._ALL if w not in process_loader._IDLE and w.alive()]
 
@@ -530,7 +530,7 @@ def test_a_stalled_link_worker_times_out_and_is_replaced():
     import signal
     import time
 
-    from ds_study import process_loader
+    from ds_study.serving.loaders import process as process_loader
 
     receiver, _, sc, store, prefix, suffix = setup(n_prefix=96)
     req = Request("A", receiver, "r", "s", "2-3", prefix, suffix, max_new_tokens=3)
@@ -622,7 +622,7 @@ def test_a_corrupt_memory_copy_is_reread_from_disk_and_its_bytes_counted(tmp_pat
 
 
 def test_failure_reasons_survive_exceptions_without_a_message():
-    from ds_study.engine import error_line
+    from ds_study.serving import error_line
 
     assert error_line(ConnectionResetError()) == "ConnectionResetError"
     assert error_line(ValueError("first\nsecond")) == "ValueError: first"
@@ -634,7 +634,7 @@ def test_a_link_worker_sees_what_arrived_with_its_run_command():
     import os
     import time
 
-    from ds_study import process_loader
+    from ds_study.serving.loaders import process as process_loader
     from ds_study.link_worker import FRAME
 
     def frame(*msg):

@@ -12,7 +12,8 @@ import threading
 import pytest
 import torch
 
-from ds_study.engine import Item, Link
+from ds_study.link import Link
+from ds_study.serving import Item
 from ds_study.executor import capture, decode, parse_plan, partial_prefill
 from ds_study.transport import LiveCapture, free_port
 from test_executor import prompt, tiny_model

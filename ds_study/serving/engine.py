@@ -1064,7 +1064,7 @@ class Engine:
     paper's schedule).
 
     ``loader``: what moves the items. ``"process"``: the link worker process
-    (``ds_study.process_loader``), which never takes this process's interpreter lock from the compute
+    (``ds_study.serving.loaders.process``), which never takes this process's interpreter lock from the compute
     thread; ``"thread"``: a loader thread of this process (``StoreLoader``; needed for CUDA copies and
     for stores with entries on a GPU); ``"auto"`` (default): the worker for host-memory stores on
     CPU, the thread otherwise.
@@ -1122,7 +1122,7 @@ class Engine:
         """The run staged for a link worker process, or None where the loader thread moves the items."""
         if self.loader == "thread" or (self.loader == "auto" and on_cuda):
             return None
-        from ds_study import process_loader
+        from ds_study.serving.loaders import process as process_loader
 
         if self.loader == "process" and (on_cuda or not process_loader.available()):
             raise EngineError("loader='process' moves host memory on a POSIX system; use loader='thread'")

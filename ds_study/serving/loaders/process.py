@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from ds_study.engine import (STREAMING, Arrivals, Item, KVStore, Link, Request, context_hash, error_line,
+from ds_study.serving.engine import (STREAMING, Arrivals, Item, KVStore, Link, Request, context_hash, error_line,
                              item_sources, reject_corrupt)
 from ds_study.link_worker import FrameReader, write_frame
 
@@ -127,7 +127,9 @@ def _widen_pipe(fd: int) -> None:
 
 
 def _package_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import ds_study
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(ds_study.__file__)))
 
 
 _IDLE: list[LinkWorker] = []
