@@ -1,4 +1,10 @@
-"""Figures, made only from result files (CSV/JSON), never from model runs."""
+"""Every figure, made only from result files (CSV/JSON), never from model runs.
+
+    python -m ds_study.figures     # every figure in FIGURES whose result files exist, into paper_figures/
+
+A figure is a function ``(result files, out stem, formats) -> written paths`` and one row in
+``FIGURES``; ``paper_figures/FIGURE_SOURCES.md`` is generated from the rows and the commands the
+result files record."""
 
 from __future__ import annotations
 
@@ -63,6 +69,19 @@ def _grid(n: int, width: float = 4.2, height: float = 3.2):
     return fig, list(axes.flat[:n])
 
 
+def _csv_panels(files: list[Path], meta: str, width: float = 5):
+    """A figure with one panel per CSV result file: (figure, [(axis, the JSON ``meta`` beside the
+    file, the table)])."""
+    import pandas as pd
+
+    fig, axes = _grid(len(files), width=width)
+    return fig, [(ax, _json(f.with_name(meta)), pd.read_csv(f)) for ax, f in zip(axes, files)]
+
+
+def _title(ax, meta: dict, extra: str = "") -> None:
+    ax.set_title(f"{_pair_title(meta)} ({meta['dataset']}){extra}", fontsize=9)
+
+
 def fig_quality(files: list[Path], out: Path, formats) -> list[Path]:
     """Fig. 6: receiver alone / receiver with the sender's whole cache / sender alone, per pair x dataset."""
     by_pair: dict[str, list[dict]] = {}
@@ -95,7 +114,7 @@ def fig_sensitivity(files: list[Path], out: Path, formats) -> list[Path]:
 
         ax.axhline(threshold(m["full_prefill"], m["critical_threshold"], m["critical_mode"]), ls=":", color="C3",
                    lw=1, label=f"critical: > {m['critical_threshold']:g} {m['critical_mode']} drop")
-        ax.set_title(f"{_pair_title(m)} ({m['dataset']})", fontsize=9)
+        _title(ax, m)
         ax.set_xlabel("layer whose KV is reused")
         ax.set_ylabel(m["metric_label"])
     axes[0].legend(fontsize=7)
@@ -104,12 +123,8 @@ def fig_sensitivity(files: list[Path], out: Path, formats) -> list[Path]:
 
 def fig_spread(files: list[Path], out: Path, formats) -> list[Path]:
     """Fig. 8: per-input quality change of each single-layer reuse, violins with 25th/75th percentiles."""
-    import pandas as pd
-
-    fig, axes = _grid(len(files), width=5)
-    for ax, f in zip(axes, files):
-        m = _json(f.with_name("sensitivity.json"))
-        df = pd.read_csv(f)
+    fig, panels = _csv_panels(files, "sensitivity.json")
+    for ax, m, df in panels:
         layers = sorted(df.layer.unique())
         data = [df[df.layer == i].change.values for i in layers]
         parts = ax.violinplot(data, positions=layers, showextrema=False, widths=0.8)
@@ -119,7 +134,7 @@ def fig_spread(files: list[Path], out: Path, formats) -> list[Path]:
         ax.vlines(layers, q[0.25], q[0.75], color="k", lw=3)
         ax.scatter(layers, q[0.5], color="w", s=8, zorder=3)
         ax.axhline(0, color="k", lw=0.5)
-        ax.set_title(f"{_pair_title(m)} ({m['dataset']})", fontsize=9)
+        _title(ax, m)
         ax.set_xlabel("layer whose KV is reused")
         ax.set_ylabel(f"per-input {m['metric_label']} change (points)")
     return save(fig, out, formats)
@@ -127,12 +142,8 @@ def fig_spread(files: list[Path], out: Path, formats) -> list[Path]:
 
 def fig_propagation(files: list[Path], out: Path, formats) -> list[Path]:
     """Fig. 10: output error and quality, critical layers as separate groups vs one contiguous group."""
-    import pandas as pd
-
-    fig, axes = _grid(len(files), width=5)
-    for ax, f in zip(axes, files):
-        m = _json(f.with_name("propagation.json"))
-        df = pd.read_csv(f)
+    fig, panels = _csv_panels(files, "propagation.json")
+    for ax, m, df in panels:
         x = range(len(df))
         ax.bar(x, df.out_err_mean, color="C1", yerr=[df.out_err_mean - df.out_err_p25, df.out_err_p75 - df.out_err_mean],
                capsize=3, label="output error (mean, p25-p75)")
@@ -142,7 +153,7 @@ def fig_propagation(files: list[Path], out: Path, formats) -> list[Path]:
         ax2.plot(list(x), df.score, "o-", color="C0", label=m["metric_label"])
         ax2.axhline(m["full_prefill"], ls="--", color="C0", lw=1)
         ax2.set_ylabel(m["metric_label"], color="C0")
-        ax.set_title(f"{_pair_title(m)} ({m['dataset']}): layers {m['layers']}", fontsize=9)
+        _title(ax, m, f": layers {m['layers']}")
         ax.legend(fontsize=7, loc="upper center")
     return save(fig, out, formats)
 
@@ -171,7 +182,7 @@ def fig_profile(files: list[Path], out: Path, formats) -> list[Path]:
                            label=f"selected, delta {s['delta']:g}")
         ax.set_xlabel("recomputed layers")
         ax.set_ylabel(m["metric_label"])
-        ax.set_title(f"{_pair_title(m)} ({m['dataset']})", fontsize=9)
+        _title(ax, m)
     axes[0].legend(fontsize=6)
     return save(fig, out, formats)
 
@@ -198,6 +209,111 @@ def fig_transfer(files: list[Path], out: Path, formats) -> list[Path]:
     return save(fig, out, formats)
 
 
+# --------------------------------------------------------------------------------------------
+# Engine figures from results/engine (written by scripts/bench_ttft.py)
+
+
+COLORS = {"pipelined": "tab:blue", "send_reused": "tab:orange", "send_all": "tab:green",
+          "full_prefill": "tab:red", "full_reuse": "tab:purple"}
+LABELS = {"pipelined": "(c) pipelined (ours)", "send_reused": "(b) send reused layers",
+          "send_all": "(a) send all layers", "full_prefill": "full prefill (re-compute)", "full_reuse": "full reuse"}
+
+
+def fig_ttft_quality(files: list[Path], out: Path, formats) -> list[Path]:
+    """Fig. 14: TTFT vs quality per strategy and plan, with the bound max(compute, load)."""
+    d = _json(files[0])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for strategy in ("send_all", "send_reused", "pipelined", "full_reuse", "full_prefill"):
+        pts = [s for s in d["summary"] if s["strategy"] == strategy]
+        if not pts:
+            continue
+        marker = {"full_prefill": "X", "full_reuse": "^"}.get(strategy, "o")
+        ax.scatter([s["ttft_ms"] for s in pts], [s["quality"] for s in pts], c=COLORS[strategy], marker=marker,
+                   s=60 if strategy in ("pipelined", "full_prefill", "full_reuse") else 25,
+                   alpha=1 if strategy in ("pipelined", "full_prefill", "full_reuse") else 0.5,
+                   label=LABELS[strategy], zorder=3)
+        if strategy == "pipelined":
+            ax.scatter([s["bound_ms"] for s in pts], [s["quality"] for s in pts], facecolors="none",
+                       edgecolors="tab:blue", s=60, label="lower bound max(compute, load)", zorder=3)
+            for s in pts:
+                ax.plot([s["bound_ms"], s["ttft_ms"]], [s["quality"]] * 2, ":", c="tab:blue", lw=1)
+                ax.annotate(s["plan"], (s["ttft_ms"], s["quality"]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+    ax.set_xlabel("TTFT (ms, median)")
+    ax.set_ylabel(f"{d['task']} {d['metric']} (n={d['n_examples']})")
+    ax.set_title(f"TTFT vs quality, {d['pair']}\nlink {d['link']['gbps']} Gbit/s, CPU", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return save(fig, out, formats)
+
+
+def fig_bandwidth(files: list[Path], out: Path, formats) -> list[Path]:
+    """Fig. 20: TTFT vs link bandwidth for (a), (b), (c) and full prefill."""
+    from matplotlib.ticker import ScalarFormatter
+
+    d = _json(files[0])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for strategy in ("send_all", "send_reused", "pipelined", "full_prefill"):
+        pts = sorted((s for s in d["summary"] if s["strategy"] == strategy), key=lambda s: s["gbps"])
+        ax.plot([s["gbps"] for s in pts], [s["ttft_ms"] for s in pts], "o-", c=COLORS[strategy], label=LABELS[strategy])
+        if strategy == "pipelined":
+            ax.plot([s["gbps"] for s in pts], [s["bound_ms"] for s in pts], "--", c="tab:blue", alpha=0.6,
+                    label="lower bound max(compute, load)")
+    ax.axvline(d["crossover_gbps"], c="gray", ls=":", label=f"load = full prefill ({d['crossover_gbps']:.2g} Gbit/s)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("link bandwidth (Gbit/s)")
+    ax.set_ylabel("TTFT (ms, median)")
+    ax.set_title(f"TTFT vs bandwidth, plan {d['plan']}, {d['pair']}, CPU", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    return save(fig, out, formats)
+
+
+def _draw_timeline(ax, results: list[dict], scale: float, unit: str, title: str) -> None:
+    colors = {"A": "tab:blue", "B": "tab:orange"}
+    for r in results:
+        c = colors.get(r["request"], "tab:gray")
+        for s in r["spans"]:
+            x, w = s["start"] * scale, (s["end"] - s["start"]) * scale
+            if s["op"] == "load":
+                ax.barh(1, w, left=x, color=c, edgecolor="k", lw=0.5, hatch="//" if s.get("kind") == "e" else None)
+                if w > 0.6 * scale * (1 if unit == "units" else 1e-3):
+                    ax.text(x + w / 2, 1, ("E" if s.get("kind") == "e" else "") + str(s["layer"] + 1),
+                            ha="center", va="center", fontsize=6)
+            elif s["op"] in ("recompute", "final"):
+                ax.barh(0, w, left=x, color=c, edgecolor="k", lw=0.5, alpha=1 if s["op"] == "recompute" else 0.45)
+            elif s["op"] == "wait" and s.get("layer") is not None:
+                ax.barh(-0.45, w, left=x, height=0.2, color="0.6")
+        ax.axvline((r["arrival"] + r["ttft"]) * scale, c=c, ls="--", lw=1)
+    ax.set_yticks([1, 0, -0.45], ["link", "compute", "wait"], fontsize=7)
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel(unit, fontsize=7)
+    ax.tick_params(labelsize=7)
+
+
+def fig_timeline(files: list[Path], out: Path, formats) -> list[Path]:
+    """Fig. 13: two receivers under strategies (a), (b), (c), unit-cost simulation beside the measured run."""
+    d = _json(files[0])
+    cols = 2 if "measured" in d else 1
+    fig, axes = plt.subplots(3, cols, figsize=(6 * cols, 6), squeeze=False)
+    for row, strategy in enumerate(("send_all", "send_reused", "pipelined")):
+        sim = d["simulated_unit_cost"][strategy]
+        _draw_timeline(axes[row][0], sim["results"], 1.0, "units",
+                       f"{LABELS[strategy]}: simulated, sum TTFT = {sim['sum_ttft']:g}")
+        if cols == 2:
+            m = d["measured"]["strategies"][strategy]
+            _draw_timeline(axes[row][1], m["results"], 1e3, "ms",
+                           f"{LABELS[strategy]}: measured, sum TTFT = {m['sum_ttft_ms']:.1f} ms")
+    fig.suptitle("Fig. 13: A recomputes its last layers, B its first three; B arrives 2 units later\n"
+                 "(blue A, orange B; hatched = E; solid = recompute, light = final pass; dashed = first token)",
+                 fontsize=8)
+    fig.tight_layout()
+    return save(fig, out, formats)
+
+
 FIGURES = (  # name, paper figure, glob under the results root, plotter, what it shows
     ("fig6_quality", "Fig. 6", "study/*/*/quality.json", fig_quality,
      "receiver alone, receiver on the sender's whole cache, sender alone"),
@@ -211,17 +327,11 @@ FIGURES = (  # name, paper figure, glob under the results root, plotter, what it
      "profiled groups, Pareto frontier, greedy walk, selected plans"),
     ("fig17_transfer", "Fig. 17", "study/*/transfer.csv", fig_transfer,
      "frontier profiled on one dataset, applied to the others"),
-)
-
-
-ENGINE_FIGURES = (  # name, paper figure, result file, command that measured it, what it shows
-    ("fig13_timeline", "Fig. 13", "engine/fig13_timeline.json", "python scripts/bench_ttft.py timeline --reps 5",
+    ("fig13_timeline", "Fig. 13", "engine/fig13_timeline.json", fig_timeline,
      "two receivers under strategies (a), (b), (c): unit-cost schedule and measured timeline"),
-    ("fig14_ttft_quality", "Fig. 14", "engine/ttft_quality.json",
-     "python scripts/bench_ttft.py quality --examples 8 --reps 5",
+    ("fig14_ttft_quality", "Fig. 14", "engine/ttft_quality.json", fig_ttft_quality,
      "TTFT vs quality per strategy and plan on CPU, with the bound max(compute, load)"),
-    ("fig20_bandwidth", "Fig. 20", "engine/ttft_bandwidth.json",
-     "python scripts/bench_ttft.py bandwidth --examples 3 --reps 5",
+    ("fig20_bandwidth", "Fig. 20", "engine/ttft_bandwidth.json", fig_bandwidth,
      "TTFT vs link bandwidth for (a), (b), (c) and full prefill on CPU"),
 )
 
@@ -234,7 +344,8 @@ def _commands(files: list[Path]) -> list[str]:
         meta = f if f.suffix == ".json" else next((p for p in (f.with_name(f.stem.split("_per_example")[0] + ".json"),
                                                                 f.with_suffix(".json")) if p.exists()), None)
         if meta and meta.exists():
-            cmd = json.loads(meta.read_text()).get("command")
+            m = json.loads(meta.read_text())
+            cmd = m.get("command") or (m.get("environment") or {}).get("command")  # engine results: in environment
             if cmd and cmd not in cmds:
                 cmds.append(cmd)
     return cmds
@@ -272,11 +383,6 @@ def make_all(results: Path = Path("results"), out: Path = Path("paper_figures"),
                   "Files: " + ", ".join(f"`{p.name}`" for p in paths), "", "Result files:", ""]
         lines += [f"- `{f.relative_to(results.parent) if results.is_absolute() is False else f}`" for f in files]
         lines += ["", "Made by:", ""] + [f"    {c}" for c in _commands(files)] + [""]
-    for name, paper, result, cmd, what in ENGINE_FIGURES:  # drawn by the engine benchmark from its result files
-        if (results / result).exists():
-            lines += [f"## {name} ({paper} analogue)", "", what + ".", "",
-                      f"Files: `{name}.png`, `{name}.pdf`, drawn from `results/{result}` by", "",
-                      "    python scripts/bench_ttft.py figures", "", "Result file made by:", "", f"    {cmd}", ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "FIGURE_SOURCES.md").write_text("\n".join(lines))
     if failed:
@@ -288,8 +394,8 @@ def make_all(results: Path = Path("results"), out: Path = Path("paper_figures"),
 def main(argv=None) -> None:
     import argparse
 
-    ap = argparse.ArgumentParser(description="Regenerate the study's figures from result files (no model runs).")
-    ap.add_argument("--results", default="results", help="results root holding study/ and search/")
+    ap = argparse.ArgumentParser(description="Regenerate every figure from result files (no model runs).")
+    ap.add_argument("--results", default="results", help="results root holding study/, search/ and engine/")
     ap.add_argument("--out", default="paper_figures")
     ap.add_argument("--formats", default="png,pdf")
     a = ap.parse_args(argv)

@@ -4,7 +4,7 @@
     python scripts/bench_ttft.py bandwidth  # TTFT vs link bandwidth, strategies a/b/c + full prefill (Fig. 20)
     python scripts/bench_ttft.py timeline   # Fig. 13: unit-cost simulation and a measured two-request run
     python scripts/bench_ttft.py spans      # where the time of one pipelined request goes, layer by layer
-    python scripts/bench_ttft.py figures    # every figure, from the result files only
+    python scripts/bench_ttft.py figures    # every figure, from the result files only (python -m ds_study.figures)
     python scripts/bench_ttft.py all
 
 Results go to results/engine/*.json (+ .csv summaries, per-example samples .jsonl), figures to
@@ -467,129 +467,12 @@ def cmd_spans(args) -> None:
     write_json(RESULTS / f"{args.out or 'ttft_spans'}.json", out)
 
 
-# --------------------------------------------------------------------------------------------
-# Figures (from result files only)
-
-
-COLORS = {"pipelined": "tab:blue", "send_reused": "tab:orange", "send_all": "tab:green",
-          "full_prefill": "tab:red", "full_reuse": "tab:purple"}
-LABELS = {"pipelined": "(c) pipelined (ours)", "send_reused": "(b) send reused layers",
-          "send_all": "(a) send all layers", "full_prefill": "full prefill (re-compute)", "full_reuse": "full reuse"}
-
-
-def _save(fig, name: str) -> None:
-    FIGS.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf"):
-        fig.savefig(FIGS / f"{name}.{ext}", dpi=150, bbox_inches="tight")
-    print(f"wrote paper_figures/{name}.png/pdf")
-
-
-def fig_quality(path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    d = json.loads(path.read_text())
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for strategy in ("send_all", "send_reused", "pipelined", "full_reuse", "full_prefill"):
-        pts = [s for s in d["summary"] if s["strategy"] == strategy]
-        if not pts:
-            continue
-        marker = {"full_prefill": "X", "full_reuse": "^"}.get(strategy, "o")
-        ax.scatter([s["ttft_ms"] for s in pts], [s["quality"] for s in pts], c=COLORS[strategy], marker=marker,
-                   s=60 if strategy in ("pipelined", "full_prefill", "full_reuse") else 25,
-                   alpha=1 if strategy in ("pipelined", "full_prefill", "full_reuse") else 0.5,
-                   label=LABELS[strategy], zorder=3)
-        if strategy == "pipelined":
-            ax.scatter([s["bound_ms"] for s in pts], [s["quality"] for s in pts], facecolors="none",
-                       edgecolors="tab:blue", s=60, label="lower bound max(compute, load)", zorder=3)
-            for s in pts:
-                ax.plot([s["bound_ms"], s["ttft_ms"]], [s["quality"]] * 2, ":", c="tab:blue", lw=1)
-                ax.annotate(s["plan"], (s["ttft_ms"], s["quality"]), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7)
-    ax.set_xlabel("TTFT (ms, median)")
-    ax.set_ylabel(f"{d['task']} {d['metric']} (n={d['n_examples']})")
-    ax.set_title(f"TTFT vs quality, {d['pair']}\nlink {d['link']['gbps']} Gbit/s, CPU", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
-    _save(fig, "fig14_ttft_quality")
-
-
-def fig_bandwidth(path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    d = json.loads(path.read_text())
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for strategy in ("send_all", "send_reused", "pipelined", "full_prefill"):
-        pts = sorted((s for s in d["summary"] if s["strategy"] == strategy), key=lambda s: s["gbps"])
-        ax.plot([s["gbps"] for s in pts], [s["ttft_ms"] for s in pts], "o-", c=COLORS[strategy], label=LABELS[strategy])
-        if strategy == "pipelined":
-            ax.plot([s["gbps"] for s in pts], [s["bound_ms"] for s in pts], "--", c="tab:blue", alpha=0.6,
-                    label="lower bound max(compute, load)")
-    ax.axvline(d["crossover_gbps"], c="gray", ls=":", label=f"load = full prefill ({d['crossover_gbps']:.2g} Gbit/s)")
-    from matplotlib.ticker import ScalarFormatter
-
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(ScalarFormatter())
-    ax.set_xlabel("link bandwidth (Gbit/s)")
-    ax.set_ylabel("TTFT (ms, median)")
-    ax.set_title(f"TTFT vs bandwidth, plan {d['plan']}, {d['pair']}, CPU", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
-    _save(fig, "fig20_bandwidth")
-
-
-def _draw_timeline(ax, results: list[dict], scale: float, unit: str, title: str) -> None:
-    colors = {"A": "tab:blue", "B": "tab:orange"}
-    for r in results:
-        c = colors.get(r["request"], "tab:gray")
-        for s in r["spans"]:
-            x, w = s["start"] * scale, (s["end"] - s["start"]) * scale
-            if s["op"] == "load":
-                ax.barh(1, w, left=x, color=c, edgecolor="k", lw=0.5, hatch="//" if s.get("kind") == "e" else None)
-                if w > 0.6 * scale * (1 if unit == "units" else 1e-3):
-                    ax.text(x + w / 2, 1, ("E" if s.get("kind") == "e" else "") + str(s["layer"] + 1),
-                            ha="center", va="center", fontsize=6)
-            elif s["op"] in ("recompute", "final"):
-                ax.barh(0, w, left=x, color=c, edgecolor="k", lw=0.5, alpha=1 if s["op"] == "recompute" else 0.45)
-            elif s["op"] == "wait" and s.get("layer") is not None:
-                ax.barh(-0.45, w, left=x, height=0.2, color="0.6")
-        ax.axvline((r["arrival"] + r["ttft"]) * scale, c=c, ls="--", lw=1)
-    ax.set_yticks([1, 0, -0.45], ["link", "compute", "wait"], fontsize=7)
-    ax.set_title(title, fontsize=8)
-    ax.set_xlabel(unit, fontsize=7)
-    ax.tick_params(labelsize=7)
-
-
-def fig_timeline(path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    d = json.loads(path.read_text())
-    cols = 2 if "measured" in d else 1
-    fig, axes = plt.subplots(3, cols, figsize=(6 * cols, 6), squeeze=False)
-    for row, strategy in enumerate(("send_all", "send_reused", "pipelined")):
-        sim = d["simulated_unit_cost"][strategy]
-        _draw_timeline(axes[row][0], sim["results"], 1.0, "units",
-                       f"{LABELS[strategy]}: simulated, sum TTFT = {sim['sum_ttft']:g}")
-        if cols == 2:
-            m = d["measured"]["strategies"][strategy]
-            _draw_timeline(axes[row][1], m["results"], 1e3, "ms",
-                           f"{LABELS[strategy]}: measured, sum TTFT = {m['sum_ttft_ms']:.1f} ms")
-    fig.suptitle("Fig. 13: A recomputes its last layers, B its first three; B arrives 2 units later\n"
-                 "(blue A, orange B; hatched = E; solid = recompute, light = final pass; dashed = first token)",
-                 fontsize=8)
-    fig.tight_layout()
-    _save(fig, "fig13_timeline")
-
-
 def cmd_figures(args) -> None:
-    figures = (("ttft_quality", fig_quality), ("ttft_bandwidth", fig_bandwidth), ("fig13_timeline", fig_timeline))
-    for name, fn in figures:
-        path = RESULTS / f"{name}.json"
-        if path.exists():
-            fn(path)
-        else:
-            print(f"skipping {name}: {shown(path)} not found (run its command first)")
+    """Every figure, from the result files only: ``python -m ds_study.figures`` (fig13_timeline,
+    fig14_ttft_quality and fig20_bandwidth read results/engine)."""
+    from ds_study import figures
+
+    figures.main(["--results", os.path.relpath(ROOT / "results"), "--out", os.path.relpath(FIGS)])
 
 
 # --------------------------------------------------------------------------------------------

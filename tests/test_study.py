@@ -132,6 +132,19 @@ def test_figures_report_missing_sources(tmp_path):
     assert "fig6_quality (Fig. 6 analogue): not made" in (tmp_path / "figs" / "FIGURE_SOURCES.md").read_text()
 
 
+def test_engine_figures_come_from_the_committed_engine_results(tmp_path):
+    """The engine's figures live in ds_study.figures too: drawn from results/engine alone, with the
+    benchmark command each result file records named in FIGURE_SOURCES.md."""
+    (tmp_path / "engine").mkdir()
+    for name in ("fig13_timeline", "ttft_quality", "ttft_bandwidth"):
+        src = runner.REPO_ROOT / "results" / "engine" / f"{name}.json"
+        (tmp_path / "engine" / src.name).write_text(src.read_text())
+    made = figures.make_all(tmp_path, tmp_path / "figs", formats=("png",))
+    assert sorted(p.name for p in made) == ["fig13_timeline.png", "fig14_ttft_quality.png", "fig20_bandwidth.png"]
+    src = (tmp_path / "figs" / "FIGURE_SOURCES.md").read_text()
+    assert "python scripts/bench_ttft.py quality" in src and "python scripts/bench_ttft.py timeline" in src
+
+
 @pytest.mark.parametrize("override, message", [
     ("study.transfer.datasets=[pyqa,nope]", "study.transfer.datasets must be"),
     ("study.sensitivity.critical_mode=percent", "study.sensitivity.critical_mode must be"),
