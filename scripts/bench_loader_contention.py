@@ -45,7 +45,7 @@ def main() -> None:
     from ds_study.data import TASKS, build_prompt, load_records
     from ds_study.serving import (Arrivals, KVStore, Link, Request, check_request, context_hash, item_sources,
                                   model_identity, publish, transfer_items)
-    from ds_study.serving.engine import StoreLoader
+    from ds_study.serving.loaders.thread import StoreLoader
     from ds_study.executor import capture, recompute_group
     from ds_study.pair import load_pair
     from ds_study.serving.loaders.process import WorkerRun

@@ -222,7 +222,7 @@ def test_suffix_graph_steps_attend_with_grouped_kv_heads(monkeypatch):
 
 
 def engine_graphs(model):
-    from ds_study.serving.engine import _GRAPHS
+    from ds_study.serving.graphs import _GRAPHS
 
     return _GRAPHS.get(model, {})
 

@@ -26,9 +26,14 @@ import time
 
 import torch
 
-from ds_study.serving.engine import (STREAMING, Arrivals, Item, KVStore, Link, Request, context_hash, error_line,
-                             item_sources, reject_corrupt)
+from ds_study.link import Link
 from ds_study.link_worker import FrameReader, write_frame
+from ds_study.serving.arrivals import Arrivals
+from ds_study.serving.errors import error_line
+from ds_study.serving.loaders.base import item_sources, reject_corrupt
+from ds_study.serving.rules import STREAMING, Item
+from ds_study.serving.store import KVStore, context_hash
+from ds_study.serving.timeline import Request
 
 ALIGN = 64  # every staged region starts on a cache line (and any dtype's element boundary)
 
