@@ -2,9 +2,9 @@
 
     python -m ds_study.figures     # every figure in FIGURES whose result files exist, into paper_figures/
 
-A figure is a function ``(result files, out stem, formats) -> written paths`` and one row in
-``FIGURES``; ``paper_figures/FIGURE_SOURCES.md`` is generated from the rows and the commands the
-result files record."""
+A figure is a function ``(result files, out stem, formats) -> written paths`` registered in
+``FIGURES`` by ``@figure``; ``paper_figures/FIGURE_SOURCES.md`` is generated from the registry and
+the commands the result files record."""
 
 from __future__ import annotations
 
@@ -25,6 +25,21 @@ def save(fig, out: Path, formats=("png",)) -> list[Path]:
         paths.append(p)
     plt.close(fig)
     return paths
+
+
+FIGURES: list[tuple] = []  # name, paper figure, glob under the results root, plotter, what it shows
+
+
+def figure(name: str, paper: str, pattern: str, what: str):
+    """Register a plotter ``(result files, out stem, formats) -> written paths`` as figure ``name``
+    (the ``paper`` figure it stands for), drawn from the files matching ``pattern`` under the results
+    root: adding a figure is this decorator on one function."""
+
+    def register(fn):
+        FIGURES.append((name, paper, pattern, fn, what))
+        return fn
+
+    return register
 
 
 def plot_deviation(csv_path: Path, out: Path, title: str = "", formats=("png",)) -> list[Path]:
@@ -69,19 +84,53 @@ def _grid(n: int, width: float = 4.2, height: float = 3.2):
     return fig, list(axes.flat[:n])
 
 
-def _csv_panels(files: list[Path], meta: str, width: float = 5):
-    """A figure with one panel per CSV result file: (figure, [(axis, the JSON ``meta`` beside the
-    file, the table)])."""
-    import pandas as pd
+def csv_figure(name: str, paper: str, pattern: str, what: str, meta: str, width: float = 5,
+               layers_in_title: bool = False):
+    """Register ``draw(axis, meta, table)`` as figure ``name``: one panel per CSV result file
+    matching ``pattern``, ``meta`` the JSON result beside it, titled by pair and dataset (and the
+    result's ``layers`` where ``layers_in_title``)."""
 
-    fig, axes = _grid(len(files), width=width)
-    return fig, [(ax, _json(f.with_name(meta)), pd.read_csv(f)) for ax, f in zip(axes, files)]
+    def register(draw):
+        def plot(files: list[Path], out: Path, formats) -> list[Path]:
+            import pandas as pd
+
+            fig, axes = _grid(len(files), width=width)
+            for ax, f in zip(axes, files):
+                m = _json(f.with_name(meta))
+                draw(ax, m, pd.read_csv(f))
+                _title(ax, m, f": layers {m['layers']}" if layers_in_title else "")
+            return save(fig, out, formats)
+
+        plot.__name__, plot.__doc__ = draw.__name__, draw.__doc__
+        figure(name, paper, pattern, what)(plot)
+        return draw
+
+    return register
+
+
+def json_figure(name: str, paper: str, pattern: str, what: str, figsize: tuple[float, float]):
+    """Register ``draw(axis, result)`` as figure ``name``: one axis drawn from the JSON result file
+    matching ``pattern``."""
+
+    def register(draw):
+        def plot(files: list[Path], out: Path, formats) -> list[Path]:
+            fig, ax = plt.subplots(figsize=figsize)
+            draw(ax, _json(files[0]))
+            return save(fig, out, formats)
+
+        plot.__name__, plot.__doc__ = draw.__name__, draw.__doc__
+        figure(name, paper, pattern, what)(plot)
+        return draw
+
+    return register
 
 
 def _title(ax, meta: dict, extra: str = "") -> None:
     ax.set_title(f"{_pair_title(meta)} ({meta['dataset']}){extra}", fontsize=9)
 
 
+@figure("fig6_quality", "Fig. 6", "study/*/*/quality.json",
+        "receiver alone, receiver on the sender's whole cache, sender alone")
 def fig_quality(files: list[Path], out: Path, formats) -> list[Path]:
     """Fig. 6: receiver alone / receiver with the sender's whole cache / sender alone, per pair x dataset."""
     by_pair: dict[str, list[dict]] = {}
@@ -102,6 +151,8 @@ def fig_quality(files: list[Path], out: Path, formats) -> list[Path]:
     return save(fig, out, formats)
 
 
+@figure("fig7_sensitivity", "Fig. 7", "study/*/*/sensitivity.json",
+        "single-layer KV reuse: quality per layer, critical layers in red")
 def fig_sensitivity(files: list[Path], out: Path, formats) -> list[Path]:
     """Fig. 7: quality when the receiver reuses the sender's KV at one layer only; critical layers in red."""
     fig, axes = _grid(len(files))
@@ -121,43 +172,42 @@ def fig_sensitivity(files: list[Path], out: Path, formats) -> list[Path]:
     return save(fig, out, formats)
 
 
-def fig_spread(files: list[Path], out: Path, formats) -> list[Path]:
+@csv_figure("fig8_spread", "Fig. 8", "study/*/*/sensitivity_per_example.csv",
+            "per-input quality change of each single-layer reuse", meta="sensitivity.json")
+def fig_spread(ax, m: dict, df) -> None:
     """Fig. 8: per-input quality change of each single-layer reuse, violins with 25th/75th percentiles."""
-    fig, panels = _csv_panels(files, "sensitivity.json")
-    for ax, m, df in panels:
-        layers = sorted(df.layer.unique())
-        data = [df[df.layer == i].change.values for i in layers]
-        parts = ax.violinplot(data, positions=layers, showextrema=False, widths=0.8)
-        for body, i in zip(parts["bodies"], layers):
-            body.set_facecolor("C3" if i in m["critical_layers"] else "C0")
-        q = df.groupby("layer").change.quantile([0.25, 0.5, 0.75]).unstack()
-        ax.vlines(layers, q[0.25], q[0.75], color="k", lw=3)
-        ax.scatter(layers, q[0.5], color="w", s=8, zorder=3)
-        ax.axhline(0, color="k", lw=0.5)
-        _title(ax, m)
-        ax.set_xlabel("layer whose KV is reused")
-        ax.set_ylabel(f"per-input {m['metric_label']} change (points)")
-    return save(fig, out, formats)
+    layers = sorted(df.layer.unique())
+    data = [df[df.layer == i].change.values for i in layers]
+    parts = ax.violinplot(data, positions=layers, showextrema=False, widths=0.8)
+    for body, i in zip(parts["bodies"], layers):
+        body.set_facecolor("C3" if i in m["critical_layers"] else "C0")
+    q = df.groupby("layer").change.quantile([0.25, 0.5, 0.75]).unstack()
+    ax.vlines(layers, q[0.25], q[0.75], color="k", lw=3)
+    ax.scatter(layers, q[0.5], color="w", s=8, zorder=3)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("layer whose KV is reused")
+    ax.set_ylabel(f"per-input {m['metric_label']} change (points)")
 
 
-def fig_propagation(files: list[Path], out: Path, formats) -> list[Path]:
+@csv_figure("fig10_propagation", "Fig. 10", "study/*/*/propagation.csv",
+            "output error: several transition points vs one contiguous group", meta="propagation.json",
+            layers_in_title=True)
+def fig_propagation(ax, m: dict, df) -> None:
     """Fig. 10: output error and quality, critical layers as separate groups vs one contiguous group."""
-    fig, panels = _csv_panels(files, "propagation.json")
-    for ax, m, df in panels:
-        x = range(len(df))
-        ax.bar(x, df.out_err_mean, color="C1", yerr=[df.out_err_mean - df.out_err_p25, df.out_err_p75 - df.out_err_mean],
-               capsize=3, label="output error (mean, p25-p75)")
-        ax.set_xticks(list(x), [f"{g}\n{t} trans." for g, t in zip(df.groups, df.transitions)], fontsize=7)
-        ax.set_ylabel("relative L2 of final hidden states")
-        ax2 = ax.twinx()
-        ax2.plot(list(x), df.score, "o-", color="C0", label=m["metric_label"])
-        ax2.axhline(m["full_prefill"], ls="--", color="C0", lw=1)
-        ax2.set_ylabel(m["metric_label"], color="C0")
-        _title(ax, m, f": layers {m['layers']}")
-        ax.legend(fontsize=7, loc="upper center")
-    return save(fig, out, formats)
+    x = range(len(df))
+    ax.bar(x, df.out_err_mean, color="C1", yerr=[df.out_err_mean - df.out_err_p25, df.out_err_p75 - df.out_err_mean],
+           capsize=3, label="output error (mean, p25-p75)")
+    ax.set_xticks(list(x), [f"{g}\n{t} trans." for g, t in zip(df.groups, df.transitions)], fontsize=7)
+    ax.set_ylabel("relative L2 of final hidden states")
+    ax2 = ax.twinx()
+    ax2.plot(list(x), df.score, "o-", color="C0", label=m["metric_label"])
+    ax2.axhline(m["full_prefill"], ls="--", color="C0", lw=1)
+    ax2.set_ylabel(m["metric_label"], color="C0")
+    ax.legend(fontsize=7, loc="upper center")
 
 
+@figure("fig11_profile", "Fig. 11", "search/*/*/search.json",
+        "profiled groups, Pareto frontier, greedy walk, selected plans")
 def fig_profile(files: list[Path], out: Path, formats) -> list[Path]:
     """Fig. 11: every profiled group (quality vs recomputed layers), the frontier, the greedy walk and
     the selected plans."""
@@ -187,6 +237,8 @@ def fig_profile(files: list[Path], out: Path, formats) -> list[Path]:
     return save(fig, out, formats)
 
 
+@figure("fig17_transfer", "Fig. 17", "study/*/transfer.csv",
+        "frontier profiled on one dataset, applied to the others")
 def fig_transfer(files: list[Path], out: Path, formats) -> list[Path]:
     """Fig. 17: quality on each target dataset vs reused layers, frontier profiled on each source."""
     import pandas as pd
@@ -219,59 +271,6 @@ LABELS = {"pipelined": "(c) pipelined (ours)", "send_reused": "(b) send reused l
           "send_all": "(a) send all layers", "full_prefill": "full prefill (re-compute)", "full_reuse": "full reuse"}
 
 
-def fig_ttft_quality(files: list[Path], out: Path, formats) -> list[Path]:
-    """Fig. 14: TTFT vs quality per strategy and plan, with the bound max(compute, load)."""
-    d = _json(files[0])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for strategy in ("send_all", "send_reused", "pipelined", "full_reuse", "full_prefill"):
-        pts = [s for s in d["summary"] if s["strategy"] == strategy]
-        if not pts:
-            continue
-        marker = {"full_prefill": "X", "full_reuse": "^"}.get(strategy, "o")
-        ax.scatter([s["ttft_ms"] for s in pts], [s["quality"] for s in pts], c=COLORS[strategy], marker=marker,
-                   s=60 if strategy in ("pipelined", "full_prefill", "full_reuse") else 25,
-                   alpha=1 if strategy in ("pipelined", "full_prefill", "full_reuse") else 0.5,
-                   label=LABELS[strategy], zorder=3)
-        if strategy == "pipelined":
-            ax.scatter([s["bound_ms"] for s in pts], [s["quality"] for s in pts], facecolors="none",
-                       edgecolors="tab:blue", s=60, label="lower bound max(compute, load)", zorder=3)
-            for s in pts:
-                ax.plot([s["bound_ms"], s["ttft_ms"]], [s["quality"]] * 2, ":", c="tab:blue", lw=1)
-                ax.annotate(s["plan"], (s["ttft_ms"], s["quality"]), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7)
-    ax.set_xlabel("TTFT (ms, median)")
-    ax.set_ylabel(f"{d['task']} {d['metric']} (n={d['n_examples']})")
-    ax.set_title(f"TTFT vs quality, {d['pair']}\nlink {d['link']['gbps']} Gbit/s, CPU", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
-    return save(fig, out, formats)
-
-
-def fig_bandwidth(files: list[Path], out: Path, formats) -> list[Path]:
-    """Fig. 20: TTFT vs link bandwidth for (a), (b), (c) and full prefill."""
-    from matplotlib.ticker import ScalarFormatter
-
-    d = _json(files[0])
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for strategy in ("send_all", "send_reused", "pipelined", "full_prefill"):
-        pts = sorted((s for s in d["summary"] if s["strategy"] == strategy), key=lambda s: s["gbps"])
-        ax.plot([s["gbps"] for s in pts], [s["ttft_ms"] for s in pts], "o-", c=COLORS[strategy], label=LABELS[strategy])
-        if strategy == "pipelined":
-            ax.plot([s["gbps"] for s in pts], [s["bound_ms"] for s in pts], "--", c="tab:blue", alpha=0.6,
-                    label="lower bound max(compute, load)")
-    ax.axvline(d["crossover_gbps"], c="gray", ls=":", label=f"load = full prefill ({d['crossover_gbps']:.2g} Gbit/s)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(ScalarFormatter())
-    ax.set_xlabel("link bandwidth (Gbit/s)")
-    ax.set_ylabel("TTFT (ms, median)")
-    ax.set_title(f"TTFT vs bandwidth, plan {d['plan']}, {d['pair']}, CPU", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
-    return save(fig, out, formats)
-
-
 def _draw_timeline(ax, results: list[dict], scale: float, unit: str, title: str) -> None:
     colors = {"A": "tab:blue", "B": "tab:orange"}
     for r in results:
@@ -294,6 +293,8 @@ def _draw_timeline(ax, results: list[dict], scale: float, unit: str, title: str)
     ax.tick_params(labelsize=7)
 
 
+@figure("fig13_timeline", "Fig. 13", "engine/fig13_timeline.json",
+        "two receivers under strategies (a), (b), (c): unit-cost schedule and measured timeline")
 def fig_timeline(files: list[Path], out: Path, formats) -> list[Path]:
     """Fig. 13: two receivers under strategies (a), (b), (c), unit-cost simulation beside the measured run."""
     d = _json(files[0])
@@ -314,26 +315,55 @@ def fig_timeline(files: list[Path], out: Path, formats) -> list[Path]:
     return save(fig, out, formats)
 
 
-FIGURES = (  # name, paper figure, glob under the results root, plotter, what it shows
-    ("fig6_quality", "Fig. 6", "study/*/*/quality.json", fig_quality,
-     "receiver alone, receiver on the sender's whole cache, sender alone"),
-    ("fig7_sensitivity", "Fig. 7", "study/*/*/sensitivity.json", fig_sensitivity,
-     "single-layer KV reuse: quality per layer, critical layers in red"),
-    ("fig8_spread", "Fig. 8", "study/*/*/sensitivity_per_example.csv", fig_spread,
-     "per-input quality change of each single-layer reuse"),
-    ("fig10_propagation", "Fig. 10", "study/*/*/propagation.csv", fig_propagation,
-     "output error: several transition points vs one contiguous group"),
-    ("fig11_profile", "Fig. 11", "search/*/*/search.json", fig_profile,
-     "profiled groups, Pareto frontier, greedy walk, selected plans"),
-    ("fig17_transfer", "Fig. 17", "study/*/transfer.csv", fig_transfer,
-     "frontier profiled on one dataset, applied to the others"),
-    ("fig13_timeline", "Fig. 13", "engine/fig13_timeline.json", fig_timeline,
-     "two receivers under strategies (a), (b), (c): unit-cost schedule and measured timeline"),
-    ("fig14_ttft_quality", "Fig. 14", "engine/ttft_quality.json", fig_ttft_quality,
-     "TTFT vs quality per strategy and plan on CPU, with the bound max(compute, load)"),
-    ("fig20_bandwidth", "Fig. 20", "engine/ttft_bandwidth.json", fig_bandwidth,
-     "TTFT vs link bandwidth for (a), (b), (c) and full prefill on CPU"),
-)
+@json_figure("fig14_ttft_quality", "Fig. 14", "engine/ttft_quality.json",
+             "TTFT vs quality per strategy and plan on CPU, with the bound max(compute, load)", figsize=(7, 4.5))
+def fig_ttft_quality(ax, d: dict) -> None:
+    """Fig. 14: TTFT vs quality per strategy and plan, with the bound max(compute, load)."""
+    for strategy in ("send_all", "send_reused", "pipelined", "full_reuse", "full_prefill"):
+        pts = [s for s in d["summary"] if s["strategy"] == strategy]
+        if not pts:
+            continue
+        marker = {"full_prefill": "X", "full_reuse": "^"}.get(strategy, "o")
+        ax.scatter([s["ttft_ms"] for s in pts], [s["quality"] for s in pts], c=COLORS[strategy], marker=marker,
+                   s=60 if strategy in ("pipelined", "full_prefill", "full_reuse") else 25,
+                   alpha=1 if strategy in ("pipelined", "full_prefill", "full_reuse") else 0.5,
+                   label=LABELS[strategy], zorder=3)
+        if strategy == "pipelined":
+            ax.scatter([s["bound_ms"] for s in pts], [s["quality"] for s in pts], facecolors="none",
+                       edgecolors="tab:blue", s=60, label="lower bound max(compute, load)", zorder=3)
+            for s in pts:
+                ax.plot([s["bound_ms"], s["ttft_ms"]], [s["quality"]] * 2, ":", c="tab:blue", lw=1)
+                ax.annotate(s["plan"], (s["ttft_ms"], s["quality"]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+    ax.set_xlabel("TTFT (ms, median)")
+    ax.set_ylabel(f"{d['task']} {d['metric']} (n={d['n_examples']})")
+    ax.set_title(f"TTFT vs quality, {d['pair']}\nlink {d['link']['gbps']} Gbit/s, CPU", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+
+
+@json_figure("fig20_bandwidth", "Fig. 20", "engine/ttft_bandwidth.json",
+             "TTFT vs link bandwidth for (a), (b), (c) and full prefill on CPU", figsize=(6.5, 4))
+def fig_bandwidth(ax, d: dict) -> None:
+    """Fig. 20: TTFT vs link bandwidth for (a), (b), (c) and full prefill."""
+    from matplotlib.ticker import ScalarFormatter
+
+    for strategy in ("send_all", "send_reused", "pipelined", "full_prefill"):
+        pts = sorted((s for s in d["summary"] if s["strategy"] == strategy), key=lambda s: s["gbps"])
+        ax.plot([s["gbps"] for s in pts], [s["ttft_ms"] for s in pts], "o-", c=COLORS[strategy], label=LABELS[strategy])
+        if strategy == "pipelined":
+            ax.plot([s["gbps"] for s in pts], [s["bound_ms"] for s in pts], "--", c="tab:blue", alpha=0.6,
+                    label="lower bound max(compute, load)")
+    ax.axvline(d["crossover_gbps"], c="gray", ls=":", label=f"load = full prefill ({d['crossover_gbps']:.2g} Gbit/s)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("link bandwidth (Gbit/s)")
+    ax.set_ylabel("TTFT (ms, median)")
+    ax.set_title(f"TTFT vs bandwidth, plan {d['plan']}, {d['pair']}, CPU", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
 
 
 def _commands(files: list[Path]) -> list[str]:
