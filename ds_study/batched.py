@@ -37,10 +37,10 @@ import torch
 
 from ds_study.caches import ContextCache
 from ds_study.deviation import rel_l2
-from ds_study.executor import GroupMemo, Plan, capture, parse_plan, partial_prefill
+from ds_study.executor import GroupMemo, capture, partial_prefill
+from ds_study.plans import Plan, parse_plan
 
 BASELINES = ("full_prefill", "sender", "full_reuse")
-BATCHED_KINDS = ("groups", "reuse_only", "sender")  # prefilled as one batch; cacheblend per context
 
 
 @dataclass
@@ -203,8 +203,8 @@ def _pad_layers(per_item: list[list[tuple]], P: int) -> list[tuple]:
 
 
 def _start(plan: Plan) -> tuple:
-    """Start-major order, so that groups of one start extend the same GroupMemo."""
-    return (plan.kind != "groups", plan.groups[0][0] if plan.kind == "groups" and plan.groups else -1, plan.groups)
+    """Plans of a kind together, start-major, so that groups of one start extend the same GroupMemo."""
+    return (plan.kind, plan.groups)
 
 
 @torch.no_grad()
@@ -226,19 +226,17 @@ def evaluate_plans(receiver, sender, items: list[Item], plans, pad_id: int, max_
                                                    stop)
     scache = memo = None
     if any(p.needs_sender for p in plans):
-        scache = capture(sender, ids, with_embeds=any(p.kind == "groups" and p.transition_layers() for p in plans))
+        scache = capture(sender, ids, with_embeds=any(p.needs_embeds for p in plans))
         memo = GroupMemo(receiver, ids, scache)
     out: dict[str, list[dict]] = {}
     for plan in plans:
-        model = sender if plan.kind == "sender" else receiver
+        model = sender if plan.impl.decoder == "sender" else receiver
         if plan.name == "full_prefill":  # the reference itself
             logp, hidden, tokens = ref, ref_hidden, ref_tokens
         else:
-            if plan.kind == "sender":
-                layers = list(zip(scache.keys, scache.values))
-            elif plan.kind in BATCHED_KINDS:
-                layers = partial_prefill(receiver, plan, ids, scache, memo if plan.kind == "groups" else None)
-            else:  # cacheblend: its token selection is per context
+            if plan.impl.batched:
+                layers = partial_prefill(receiver, plan, ids, scache, memo)
+            else:  # e.g. cacheblend, whose token selection is per context
                 layers = _pad_layers([partial_prefill(receiver, plan, it.prefix, _one_context(scache, i, len(it.prefix), it.prefix))
                                       for i, it in enumerate(items)], ids.shape[1])
             logp, hidden, tokens = score_and_decode(model, as_cache(model, layers, room), pmask, items, pad_id,

@@ -14,130 +14,14 @@ attention calls ``update(k, v, layer_idx)`` on; they decide which K/V that atten
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ds_study.caches import ContextCache
 from ds_study.pair import SUPPORTED_MODEL_TYPES, UnsupportedArchitecture
-
-BASELINES = ("full_prefill", "full_reuse", "sender", "cacheblend")
-KINDS = ("groups", "sender", "cacheblend", "reuse_only")
-
-
-class PlanError(ValueError):
-    """A plan that cannot run on this model (bad syntax, layer out of range, overlap)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Plans
-
-
-@dataclass(frozen=True)
-class Plan:
-    kind: str  # one of KINDS
-    # "groups": recompute groups [a, b]; "reuse_only": groups of layers whose sender KV the receiver
-    # reads while computing every other layer itself (single-layer sensitivity, paper Fig. 7)
-    groups: tuple[tuple[int, int], ...] = ()
-    ratio: float = 0.15  # cacheblend: fraction of context tokens recomputed
-    check_layer: int = 1  # cacheblend: layer whose K deviation ranks tokens
-    label: str | None = None
-
-    @property
-    def name(self) -> str:
-        if self.label:
-            return self.label
-        if self.kind == "groups":
-            return "groups:" + (",".join(f"{a}-{b}" for a, b in self.groups) or "none")
-        if self.kind == "cacheblend":
-            return f"cacheblend@{self.ratio:g}"
-        if self.kind == "reuse_only":
-            return "reuse_only:" + ",".join(str(i) for a, b in self.groups for i in range(a, b + 1))
-        return self.kind
-
-    def recomputed_layers(self) -> list[int]:
-        if self.kind == "reuse_only":
-            reused = {i for a, b in self.groups for i in range(a, b + 1)}
-            return [i for i in range(self._n_layers) if i not in reused]
-        return [i for a, b in self.groups for i in range(a, b + 1)] if self.kind == "groups" else []
-
-    def n_recomputed(self) -> int:
-        return len(self.recomputed_layers())
-
-    def transition_layers(self) -> list[int]:
-        """Layers where execution switches from reuse to recompute, i.e. where E is needed."""
-        return [a for a, _ in self.groups if a > 0]
-
-    def reused_layers(self, n_layers: int) -> list[int]:
-        rec = set(self.recomputed_layers())
-        return [i for i in range(n_layers) if i not in rec]
-
-    @property
-    def needs_sender(self) -> bool:
-        """Whether running the plan reads the sender's cache: reused K/V, or E where a group starts after layer 0."""
-        if self.kind != "groups":
-            return True  # cacheblend, reuse_only, sender
-        return self.n_recomputed() < self._n_layers or bool(self.transition_layers())
-
-    _n_layers: int = field(default=0, compare=False, repr=False)
-
-
-def layer_runs(layers) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive layer (or unit) indices: [5, 1, 2, 7, 8] -> [(1, 2), (5, 5), (7, 8)]."""
-    out: list[tuple[int, int]] = []
-    for i in sorted(set(layers)):
-        if out and i == out[-1][1] + 1:
-            out[-1] = (out[-1][0], i)
-        else:
-            out.append((i, i))
-    return out
-
-
-def groups_plan(groups, n_layers: int, label: str | None = None) -> Plan:
-    groups = tuple(sorted((int(a), int(b)) for a, b in groups))
-    for a, b in groups:
-        if a > b:
-            raise PlanError(f"recompute group [{a}, {b}] starts after it ends; write first-last, e.g. {b}-{a}")
-        if not (0 <= a and b < n_layers):
-            raise PlanError(f"recompute group [{a}, {b}] is outside layers 0..{n_layers - 1}")
-    for (a1, b1), (a2, b2) in zip(groups, groups[1:]):
-        if a2 <= b1:
-            raise PlanError(f"recompute groups [{a1}, {b1}] and [{a2}, {b2}] overlap")
-    return Plan("groups", groups, label=label, _n_layers=n_layers)
-
-
-def parse_plan(spec, n_layers: int, cacheblend_ratio: float = 0.15) -> Plan:
-    """Accepts a baseline name, ``cacheblend@0.3``, ``"2-5,9-9"``, or a list like ``[[2, 5], [9, 9]]``."""
-    if isinstance(spec, Plan):
-        return spec
-    if isinstance(spec, str):
-        s = spec.strip()
-        if s == "full_prefill":
-            return groups_plan([(0, n_layers - 1)], n_layers, label="full_prefill")
-        if s == "full_reuse":
-            return groups_plan([], n_layers, label="full_reuse")
-        if s == "sender":
-            return Plan("sender", _n_layers=n_layers)
-        if s.startswith("cacheblend"):
-            ratio = float(s.split("@", 1)[1]) if "@" in s else cacheblend_ratio
-            if not 0 < ratio <= 1:
-                raise PlanError(f"cacheblend ratio must be in (0, 1], got {ratio}")
-            return Plan("cacheblend", ratio=ratio, _n_layers=n_layers)
-        if s.startswith("reuse_only:"):
-            layers = [int(x) for x in s.split(":", 1)[1].split(",") if x.strip()]
-            base = groups_plan([(i, i) for i in layers], n_layers)
-            return Plan("reuse_only", base.groups, _n_layers=n_layers)
-        if re.fullmatch(r"\s*\d+\s*-\s*\d+\s*(,\s*\d+\s*-\s*\d+\s*)*", s):
-            return groups_plan([tuple(map(int, g.split("-"))) for g in s.split(",")], n_layers)
-        raise PlanError(f"cannot parse plan {spec!r}; use one of {', '.join(BASELINES)}, "
-                        f"'cacheblend@RATIO', 'reuse_only:i[,j...]', 'a-b[,c-d...]' or a list of [a, b] groups")
-    try:
-        return groups_plan([(g[0], g[1]) for g in spec], n_layers)
-    except (TypeError, IndexError, KeyError) as e:
-        raise PlanError(f"cannot parse plan {spec!r}: expected a list of [a, b] groups") from e
-
+from ds_study.plans import Plan, PlanError, groups_plan, layer_runs, parse_plan  # noqa: F401  (re-exported)
 
 # --------------------------------------------------------------------------------------------
 # Cache stand-ins the attention modules write into
@@ -406,23 +290,26 @@ class GroupMemo:
 @torch.no_grad()
 def partial_prefill(model, plan: Plan, token_ids, sender: ContextCache | None,
                     memo: GroupMemo | None = None) -> list[tuple]:
-    """Per-layer (K, V) of the shared context under ``plan``: reused from ``sender`` or recomputed.
+    """Per-layer (K, V) of the shared context under ``plan``, assembled by the plan's kind
+    (``ds_study.plans``): reused from ``sender``, recomputed, or blended.
 
     ``memo`` (a GroupMemo of the same model, context and sender) shares recomputed layers across plans.
     """
     check_supported(model)
-    n = model.config.num_hidden_layers
     if (sender is not None and sender.token_ids and not torch.is_tensor(token_ids)
             and list(sender.token_ids) != list(token_ids)):
         raise PlanError("the sender cache was captured for a different context")
-    if plan.kind == "cacheblend":
-        if torch.is_tensor(token_ids):
-            raise PlanError("cacheblend selects tokens per context: prefill one context at a time")
-        return cacheblend_prefill(model, token_ids, sender, plan.ratio, plan.check_layer)
-    if plan.kind == "reuse_only":
-        return reuse_only_prefill(model, plan, token_ids, sender)
-    if plan.kind != "groups":
-        raise PlanError(f"partial_prefill runs recompute-group and cacheblend plans, not {plan.kind!r}")
+    kind = plan.impl
+    if torch.is_tensor(token_ids) and not kind.batched:
+        raise PlanError(f"{plan.kind} plans select tokens per context: prefill one context (a list of ids) at a time")
+    return kind.prefill(model, plan, token_ids, sender, memo)
+
+
+@torch.no_grad()
+def groups_prefill(model, plan: Plan, token_ids, sender: ContextCache | None,
+                   memo: GroupMemo | None = None) -> list[tuple]:
+    """Recompute-group plans: each group [a, b] recomputed from the sender's E_a, every other layer reused."""
+    n = model.config.num_hidden_layers
     rec = set(plan.recomputed_layers())
     if len(rec) < n and sender is None:
         raise PlanError(f"plan {plan.name} reuses layers {plan.reused_layers(n)} but no sender cache was given")
@@ -595,11 +482,10 @@ def greedy_after(model, cache, hidden: torch.Tensor, max_new_tokens: int, eos_to
 def run_plan(receiver, sender_model, plan: Plan, prefix_ids: list[int], suffix_ids: list[int],
              max_new_tokens: int, eos_token_id=None, sender_cache: ContextCache | None = None,
              memo: GroupMemo | None = None, stop=None) -> Decoded:
-    """Execute one plan end to end. ``sender`` decodes with the sender model on its own cache."""
-    if plan.kind == "sender":
-        if sender_cache is None:
-            sender_cache = capture(sender_model, prefix_ids, with_embeds=False)
-        layers = list(zip(sender_cache.keys, sender_cache.values))
-        return decode(sender_model, layers, suffix_ids, max_new_tokens, eos_token_id, stop=stop)
+    """Execute one plan end to end. A plan whose kind decodes with the sender (``sender``) runs on the
+    sender model and its own cache, captured here if not given."""
+    model = sender_model if plan.impl.decoder == "sender" else receiver
+    if sender_cache is None and plan.impl.decoder == "sender":
+        sender_cache = capture(sender_model, prefix_ids, with_embeds=False)
     layers = partial_prefill(receiver, plan, prefix_ids, sender_cache, memo)
-    return decode(receiver, layers, suffix_ids, max_new_tokens, eos_token_id, stop=stop)
+    return decode(model, layers, suffix_ids, max_new_tokens, eos_token_id, stop=stop)

@@ -15,8 +15,11 @@ the committed results (``python -m ds_study.pairs``) changes a tracked file.
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -31,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ds_study import batched, data, metrics
 from ds_study.caches import ContextCache
-from ds_study.executor import Decoded, GroupMemo, Plan, capture, decode, parse_plan, run_plan
+from ds_study.executor import Decoded, GroupMemo, capture, decode, run_plan
+from ds_study.plans import Plan, parse_plan
 from ds_study.pair import ModelPair, load_pair
 
 # The Hydra configs ship with the package (package data), so a non-editable install finds them too.
@@ -234,8 +238,8 @@ class CellStore:
             return
         text = self.path.read_text()
         self.cells.update(self._parse(text))
-        if text and not text.endswith("\n"):  # end the cut-off line, or the next cell would join it
-            self._append("\n")
+        if text and not text.endswith("\n"):  # a line cut off by a kill (or still being written): end
+            self._append("")                      # it under the lock, or the next cell would join it
 
     def get(self, plan: str, example_id: str) -> dict | None:
         row = self.cells.get((plan, example_id))
@@ -254,16 +258,24 @@ class CellStore:
         self._append(json.dumps(row) + "\n")
 
     def _append(self, text: str) -> None:
-        # one write() on an O_APPEND descriptor: lines of concurrent worker processes never interleave
+        # whole lines in one write() on an O_APPEND descriptor, under an exclusive flock: the cells of
+        # concurrent writers (worker processes, parallel sweep jobs, SLURM jobs sharing the store over
+        # NFS) never interleave, and the check for a line cut off by a kill sees no line half written
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released by close()
+            except OSError as e:  # a file system without locks (Lustre mounted without -o flock)
+                if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                    raise
             size = os.fstat(fd).st_size
-            if size and text != "\n" and os.pread(fd, 1, size - 1) != b"\n":
+            if size and os.pread(fd, 1, size - 1) != b"\n":
                 text = "\n" + text  # a line cut off (by a kill) since: end it, or this cell would be glued to it
             data = text.encode()
-            if os.write(fd, data) != len(data):
-                raise OSError(f"short write to {self.path}; the cell will be recomputed on the next run")
-            os.fsync(fd)
+            if data:
+                if os.write(fd, data) != len(data):
+                    raise OSError(f"short write to {self.path}; the cell will be recomputed on the next run")
+                os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -330,7 +342,7 @@ class Evaluator:
         needs_sender = plan.needs_sender
         sender_cache = self.caches(ex)[0] if needs_sender else None
         memo = None
-        if plan.kind == "groups" and needs_sender:
+        if needs_sender:  # recompute groups of one start share layers across plans; other kinds ignore it
             if e["memo"] is None:
                 e["memo"] = GroupMemo(self.pair.receiver, p.prefix_ids, sender_cache)
             memo = e["memo"]
@@ -382,7 +394,7 @@ class Evaluator:
                 for p, ex in done:
                     r = rows[index[ex.id]]
                     pred = prediction_text(tok, r["tokens"])
-                    row = {"plan": p.name, "id": ex.id, "n_recomputed": p.n_recomputed() if p.kind == "groups" else None,
+                    row = {"plan": p.name, "id": ex.id, "n_recomputed": p.recompute_count,
                            "prediction": pred, "answers": ex.record["answers"], "score": score(task, pred, ex.record),
                            "metric": task.metric, "nll": round(r["nll"], 6), "kl": round(r["kl"], 6),
                            "seconds": round(secs, 4), "batch": len(chunk), "input": ex.input_sha}
@@ -529,11 +541,14 @@ def new_run_dir(root: str | Path, job: str, pair_name: str, dataset: str) -> Pat
     """A fresh directory per run: an earlier run's results are never overwritten."""
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     base = Path(root) / f"{stamp}_{job}_{pair_name}_{dataset}"
-    path, k = base, 1
-    while path.exists():
-        path, k = Path(f"{base}_{k}"), k + 1
-    path.mkdir(parents=True)
-    return path
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for k in itertools.count():  # mkdir either creates or fails: parallel jobs of one second never share one
+        path = base if k == 0 else Path(f"{base}_{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def write_json(path: Path, obj) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ds_study.executor import Plan, groups_plan, layer_runs, parse_plan
+from ds_study.plans import Plan, groups_plan, layer_runs, parse_plan
 
 # --------------------------------------------------------------------------------------------
 # Plans and scored points

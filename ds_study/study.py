@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ds_study import metrics, runner, search
 from ds_study.cli import hydra_main
-from ds_study.executor import layer_runs, parse_plan
+from ds_study.plans import layer_runs, parse_plan
 
 JOBS = ("quality", "sensitivity", "propagation", "transfer")
 
