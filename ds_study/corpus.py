@@ -158,20 +158,6 @@ def _record(dataset: str, idx: int, pool: str, context: str, question: str, answ
     }
 
 
-def _pick_distinct(rng: random.Random, funcs: list[Function], first: Function, target_chars: int,
-                   render, min_items: int) -> list[Function]:
-    chosen, names, size = [first], {first.name}, len(render(first, 1))
-    while size < target_chars or len(chosen) < min_items:
-        f = rng.choice(funcs)
-        if f.name in names:
-            continue
-        chosen.append(f)
-        names.add(f.name)
-        size += len(render(f, len(chosen))) + 1
-    rng.shuffle(chosen)
-    return chosen
-
-
 def _qa_passage(f: Function, k: int) -> str:
     return (f"Passage {k}:\n{f.name} from module {f.module}\n"
             f"Signature: {f.name}({f.params})\n{f.doc_paragraph}\n")
@@ -197,6 +183,25 @@ def _same_module_first(rng: random.Random, funcs: list[Function], target: Functi
     return same + rest
 
 
+def _neighbours(rng: random.Random, funcs: list[Function], target: Function, pool: str, target_chars: int,
+                render, min_items: int, alike=lambda g: False) -> list[Function]:
+    """``target`` among functions from its own module first (``_same_module_first``), shuffled: added
+    until their text (``render(g, k)`` for the k-th) reaches the pool's length (``_length``) and
+    there are ``min_items``; names are distinct and ``alike`` ones are skipped."""
+    want, chosen, names = _length(rng, pool, target_chars), [target], {target.name}
+    size = len(render(target, 1))
+    for g in _same_module_first(rng, funcs, target):
+        if size >= want and len(chosen) >= min_items:
+            break
+        if g.name in names or alike(g):
+            continue
+        chosen.append(g)
+        names.add(g.name)
+        size += len(render(g, len(chosen))) + 1
+    rng.shuffle(chosen)
+    return chosen
+
+
 def make_pyqa(funcs: list[Function], n: int, seed: int, pool: str, target_chars: int = 1700):
     """Two-step lookup (revision 2): the question *describes* the function (its docstring summary)
     instead of naming it, so the model must first find the passage whose text matches the
@@ -210,17 +215,8 @@ def make_pyqa(funcs: list[Function], n: int, seed: int, pool: str, target_chars:
     usable = [f for f in funcs if by_summary[describe(f).lower()] == 1]  # the description must be unique
     targets = rng.sample(usable, min(n, len(usable))) if n <= len(usable) else [rng.choice(usable) for _ in range(n)]
     for i, f in enumerate(targets):
-        want, chosen, names = _length(rng, pool, target_chars), [f], {f.name}
-        size = len(_qa_passage(f, 1))
-        for g in _same_module_first(rng, funcs, f):
-            if size >= want and len(chosen) >= (5 if pool != "train" else 2):
-                break
-            if g.name in names or describe(g).lower() == describe(f).lower():
-                continue
-            chosen.append(g)
-            names.add(g.name)
-            size += len(_qa_passage(g, len(chosen))) + 1
-        rng.shuffle(chosen)
+        chosen = _neighbours(rng, funcs, f, pool, target_chars, _qa_passage, 5 if pool != "train" else 2,
+                             alike=lambda g: describe(g).lower() == describe(f).lower())  # noqa: B023 - used here
         context = "\n".join(_qa_passage(g, k + 1) for k, g in enumerate(chosen))
         q = f"What is the signature of the function described as: \"{describe(f)}\"?"
         yield _record("pyqa", i, pool, context, q, f"{f.name}({f.params})"), [g.origin for g in chosen]
@@ -254,17 +250,7 @@ def make_pysum(funcs: list[Function], n: int, seed: int, pool: str, target_chars
     rng = random.Random(seed)
     targets = rng.sample(funcs, min(n, len(funcs))) if n <= len(funcs) else [rng.choice(funcs) for _ in range(n)]
     for i, f in enumerate(targets):
-        want, chosen, names = _length(rng, pool, target_chars), [f], {f.name}
-        size = len(_sum_item(f, 0))
-        for g in _same_module_first(rng, funcs, f):
-            if size >= want and len(chosen) >= (3 if pool != "train" else 2):
-                break
-            if g.name in names:
-                continue
-            chosen.append(g)
-            names.add(g.name)
-            size += len(_sum_item(g, 0)) + 1
-        rng.shuffle(chosen)
+        chosen = _neighbours(rng, funcs, f, pool, target_chars, _sum_item, 3 if pool != "train" else 2)
         context = "\n".join(_sum_item(g, 0) for g in chosen)
         yield _record("pysum", i, pool, context, f.name, f.summary), [g.origin for g in chosen]
 
