@@ -66,10 +66,10 @@ def sha256_file(path: Path) -> str:
     return h(path)
 
 
-def _first_bad_file(root: Path, files: dict[str, str]):
+def _first_bad_file(root: Path, files: dict[str, str], manifest: Path):
     from ds_study.zoo import first_bad_file
 
-    return first_bad_file(root, files)
+    return first_bad_file(root, files, manifest)
 
 
 def _file_hashes(root: Path) -> dict[str, str]:
@@ -86,10 +86,9 @@ def verify_dir(root: Path) -> dict:
         files = manifest["files"]
     except (OSError, ValueError, KeyError) as e:
         raise SmolError(f"{mpath} is unreadable ({e})") from None
-    bad = _first_bad_file(Path(root), files)
+    bad = _first_bad_file(Path(root), files, mpath)
     if bad:
-        p, what = bad
-        raise SmolError(f"{p} is missing" if what == "missing" else f"{p} is corrupt (sha256 differs from {mpath})")
+        raise SmolError(f"{bad[0]} {bad[1]}")
     extra = set(_file_hashes(Path(root))) - set(files)
     if extra:
         raise SmolError(f"{root} holds files its manifest does not list: {sorted(extra)}")
@@ -237,11 +236,9 @@ def adapters_manifest(root: Path = ADAPTERS_DIR) -> dict:
 def verify_adapters(root: Path = ADAPTERS_DIR) -> dict:
     """Check every committed adapter file against the manifest (seconds)."""
     manifest = adapters_manifest(root)
-    bad = _first_bad_file(Path(root), manifest["files"])
+    bad = _first_bad_file(Path(root), manifest["files"], Path(root) / MANIFEST)
     if bad:
-        p, what = bad
-        why = "is missing" if what == "missing" else f"is corrupt (sha256 mismatch with {root / MANIFEST})"
-        raise SmolError(f"adapter file {p} {why}; restore it with `git checkout -- {p}`")
+        raise SmolError(f"adapter file {bad[0]} {bad[1]}; restore it with `git checkout -- {bad[0]}`")
     return manifest
 
 

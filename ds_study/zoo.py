@@ -57,15 +57,16 @@ def file_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
-def first_bad_file(root: Path, files: dict[str, str]) -> tuple[Path, str] | None:
-    """(path, "missing" | "corrupt") of the first file of a manifest's ``files`` map that is absent or
-    whose sha256 differs; None when every file matches. Shared by every manifest check."""
+def first_bad_file(root: Path, files: dict[str, str], manifest: Path) -> tuple[Path, str] | None:
+    """(path, "is missing" | "is corrupt (sha256 differs from <manifest>)") of the first file of a
+    manifest's ``files`` map that is absent or whose sha256 differs; None when every file matches.
+    Shared by every manifest check."""
     for rel, want in files.items():
         p = Path(root) / rel
         if not p.is_file():
-            return p, "missing"
+            return p, "is missing"
         if sha256_file(p) != want:
-            return p, "corrupt"
+            return p, f"is corrupt (sha256 differs from {manifest})"
     return None
 
 
@@ -75,11 +76,9 @@ def verify(root: Path = ZOO_DIR) -> dict:
     if not mpath.exists():
         raise ZooError(f"no model family at {root} (missing {MANIFEST}); {REBUILD_HINT}")
     manifest = json.loads(mpath.read_text())
-    bad = first_bad_file(root, manifest["files"])
+    bad = first_bad_file(root, manifest["files"], mpath)
     if bad:
-        p, what = bad
-        why = "is missing" if what == "missing" else f"is corrupt (sha256 mismatch with {mpath})"
-        raise ZooError(f"zoo file {p} {why}; restore it with `git checkout -- {p}` or {REBUILD_HINT}")
+        raise ZooError(f"zoo file {bad[0]} {bad[1]}; restore it with `git checkout -- {bad[0]}` or {REBUILD_HINT}")
     return manifest
 
 
