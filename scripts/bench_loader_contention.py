@@ -43,12 +43,11 @@ def main() -> None:
     from bench_ttft import environment
 
     from ds_study.data import TASKS, build_prompt, load_records
-    from ds_study.serving import (Arrivals, KVStore, Link, Request, check_request, context_hash, item_sources,
-                                  model_identity, publish, transfer_items)
-    from ds_study.serving.loaders.thread import StoreLoader
+    from ds_study.serving import (KVStore, Link, Request, check_request, context_hash, item_sources, model_identity,
+                                  publish, transfer_items)
+    from ds_study.serving.loaders import Job, Run, create_loader
     from ds_study.executor import capture, recompute_group
     from ds_study.pair import load_pair
-    from ds_study.serving.loaders.process import WorkerRun
 
     torch.set_num_threads(1)
     pair = load_pair(args.receiver, args.sender)
@@ -82,25 +81,16 @@ def main() -> None:
         link = Link(gbps, 0.0, 1 << 16)
         n_req = int(2.0 * args.reps * 0.040 / link.seconds(per_request)) + 2  # > reps x ~40 ms of link time
         reqs = [Request(f"q{i}", pair.receiver, rid, sid, plan, ids, prompt.suffix_ids) for i in range(n_req)]
-        if loader == "thread":
-            arrs = [Arrivals(items, 0.0) for _ in reqs]
-            th = StoreLoader(store, link, [(r, strategy, a) for r, a in zip(reqs, arrs)])
-            th.start()
-            t0 = time.perf_counter()
-            for a in arrs:
-                a.t0 = t0
-            th.go.set()
-        else:
-            run = WorkerRun(store, link, [(r, strategy, items) for r in reqs], True, 30.0)
-            arrs = run.arrivals
-            t0 = time.perf_counter()
-            run.start(t0)
+        moving = create_loader(loader)  # as the engine drives it: staged, started, finished
+        arrs = moving.stage(Run([Job(r, strategy, plan, items) for r in reqs], store, link))
+        t0 = time.perf_counter()
+        moving.start(t0)
         got = [recompute() for _ in range(args.reps)]
         busy = time.perf_counter() < t0 + n_req * link.seconds(per_request)
         for a in arrs:
             a.cancelled.set()
             a.prefilled.set()
-        th.join() if loader == "thread" else run.finish()
+        moving.finish([])
         return got, busy
 
     settings = [(None, 0.2), ("thread", 0.2), ("process", 0.2), ("thread", 0.8), ("process", 0.8)]

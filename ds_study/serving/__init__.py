@@ -11,7 +11,8 @@ send_reused, pipelined, and full_prefill / full_reuse at the two ends). One modu
 - ``arrivals``  what has reached the receiver, where loaders and the computation meet;
 - ``graphs``    the final prompt pass as per-layer CUDA graphs;
 - ``execute``   one request on the compute thread, with fallback and repair;
-- ``loaders``   what moves the items: the ``Loader`` interface and its registry;
+- ``loaders``   what moves the items: the ``Loader`` interface, its registry, and the thread,
+                link worker process and torch.distributed loaders;
 - ``engine``    the facade, ``Engine.run``.
 
 Every run records, per request and per layer, when loads and computation started and ended and
@@ -20,10 +21,11 @@ how long anything waited. The public names are exported here.
 
 from ds_study.link import Link
 from ds_study.serving.arrivals import Arrivals
-from ds_study.serving.engine import LOADERS, Engine
+from ds_study.serving.engine import Engine
 from ds_study.serving.errors import EngineError, EntryRejected, TransferFailed, error_line
 from ds_study.serving.execute import ArrivalCache, LayerClock, execute
 from ds_study.serving.graphs import SuffixGraphs, graphs_for
+from ds_study.serving.loaders import LOADERS, Loader, LoaderUnavailable, create_loader, register_loader
 from ds_study.serving.loaders.base import item_sources, reject_corrupt
 from ds_study.serving.rules import (ALIASES, STRATEGIES, STREAMING, Item, check_request, repair_plan,
                                     resolve_strategy, transfer_items)
@@ -32,8 +34,10 @@ from ds_study.serving.store import (EntryKey, KVStore, StoreMiss, context_hash, 
                                     model_identity, publish)
 from ds_study.serving.timeline import Request, RequestResult, Span, sum_ttft
 
-__all__ = ["ALIASES", "LOADERS", "STRATEGIES", "STREAMING", "ArrivalCache", "Arrivals", "Engine", "EngineError",
-           "EntryKey", "EntryRejected", "Item", "KVStore", "LayerClock", "Link", "Request", "RequestResult",
-           "SimJob", "Span", "StoreMiss", "SuffixGraphs", "TransferFailed", "check_request", "context_hash",
-           "entry_hasher", "entry_key", "error_line", "execute", "graphs_for", "item_sources", "model_identity",
-           "publish", "reject_corrupt", "repair_plan", "resolve_strategy", "simulate", "sum_ttft", "transfer_items"]
+__all__ = ["ALIASES", "LOADERS", "STRATEGIES", "STREAMING", "ArrivalCache", "Arrivals", "Engine",
+           "EngineError", "EntryKey", "EntryRejected", "Item", "KVStore", "LayerClock", "Link", "Loader",
+           "LoaderUnavailable", "Request", "RequestResult", "SimJob", "Span", "StoreMiss", "SuffixGraphs",
+           "TransferFailed", "check_request", "context_hash", "create_loader", "entry_hasher", "entry_key",
+           "error_line", "execute", "graphs_for", "item_sources", "model_identity", "publish",
+           "register_loader", "reject_corrupt", "repair_plan", "resolve_strategy", "simulate", "sum_ttft",
+           "transfer_items"]

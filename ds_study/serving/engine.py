@@ -1,7 +1,8 @@
-"""The engine's facade: validate a run's requests, start a loader, serve them in arrival order.
+"""The engine's facade: validate a run's requests, stage a loader, serve the requests in arrival order.
 
-``Engine.run`` is the one entry point every caller (benchmarks, the two-process transport, tests)
-goes through; what it composes lives in its own modules (rules, arrivals, execute, loaders).
+``Engine.run`` is the one entry point every caller goes through (benchmarks, the two-process
+transport, tests); what it composes lives in its own modules: the rules, the arrivals, the
+executor and the loaders, which it knows only through the ``Loader`` interface and registry.
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ from ds_study.link import Link, sleep_until
 from ds_study.serving.arrivals import Arrivals
 from ds_study.serving.errors import EngineError
 from ds_study.serving.execute import execute
-from ds_study.serving.loaders.thread import StoreLoader
+from ds_study.serving.loaders import AUTO, Job, Loader, LoaderUnavailable, Run, create_loader, loader_names
 from ds_study.serving.rules import check_request, transfer_items
 from ds_study.serving.store import KVStore
 from ds_study.serving.timeline import Request, RequestResult
-
-
-LOADERS = ("auto", "process", "thread")
 
 
 class Engine:
@@ -43,20 +41,24 @@ class Engine:
     streams in (host-memory loaders report progress per link chunk; 0: wait for the whole E, as the
     paper's schedule).
 
-    ``loader``: what moves the items. ``"process"``: the link worker process
-    (``ds_study.serving.loaders.process``), which never takes this process's interpreter lock from the compute
-    thread; ``"thread"``: a loader thread of this process (``StoreLoader``; needed for CUDA copies and
-    for stores with entries on a GPU); ``"auto"`` (default): the worker for host-memory stores on
-    CPU, the thread otherwise.
+    ``loader``: what moves the items, a name in the registry (``ds_study.serving.loaders.LOADERS``),
+    made fresh for every run with ``loader_options`` as its constructor's arguments. ``"process"``:
+    the link worker process (``loaders.process``), which never takes this process's interpreter lock
+    from the compute thread; ``"thread"``: a loader thread of this process (``loaders.thread``;
+    needed for CUDA copies and for stores with entries on a GPU); ``"distributed"``: a sender
+    process over torch.distributed (``loaders.distributed``; ``store`` and ``link`` unused, the
+    sender paces); ``"auto"`` (default): the first of ``loaders.AUTO`` that can serve the run, i.e.
+    the worker for host-memory stores on CPU, the thread otherwise.
     """
 
-    def __init__(self, store: KVStore, link: Link, timeout_s: float = 30.0, device=None, verify: bool = True,
-                 gil_switch_s: float | None = 2e-4, e_chunk_tokens: int = 64, suffix_graphs: bool | None = None,
-                 overlap_recompute: bool = True, loader: str = "auto"):
-        if loader not in LOADERS:
-            raise EngineError(f"unknown loader {loader!r}; use one of {', '.join(LOADERS)}")
+    def __init__(self, store: KVStore | None, link: Link | None, timeout_s: float = 30.0, device=None,
+                 verify: bool = True, gil_switch_s: float | None = 2e-4, e_chunk_tokens: int = 64,
+                 suffix_graphs: bool | None = None, overlap_recompute: bool = True, loader: str = "auto",
+                 loader_options: dict | None = None):
+        if loader not in loader_names():
+            raise EngineError(f"unknown loader {loader!r}; use one of {', '.join(loader_names())}")
         self.store, self.link, self.timeout_s, self.verify = store, link, timeout_s, verify
-        self.loader = loader
+        self.loader, self.loader_options = loader, dict(loader_options or {})
         self.device = torch.device(device) if device is not None else None
         self.gil_switch_s, self.e_chunk_tokens = gil_switch_s, e_chunk_tokens
         # None: on CUDA only (where it pays); True on CPU runs the same static-buffer steps eagerly
@@ -74,65 +76,50 @@ class Engine:
             sys.setswitchinterval(previous)
 
     def _run(self, requests: list[Request], strategy: str) -> list[RequestResult]:
-        checked = []
+        jobs = []
         for req in requests:  # every request is validated before anything moves
             check_supported(req.model)
             n = req.model.config.num_hidden_layers
             strat, plan = check_request(strategy, req.plan, n)
-            checked.append((req, strat, plan, transfer_items(strat, plan, n)))
-        checked.sort(key=lambda c: c[0].arrival)
-        on_cuda = self.device is not None and self.device.type == "cuda"
-        run = self._worker_run(checked, on_cuda)
-        if run is not None:
-            return self._serve(checked, run.arrivals, run.start, run.finish, "process")
-        jobs = [(req, strat, Arrivals(items, 0.0)) for req, strat, _, items in checked]
-        stream = torch.cuda.Stream(self.device) if on_cuda else None
-        loader = StoreLoader(self.store, self.link, jobs, self.device, stream, self.verify)
-        loader.start()
+            jobs.append(Job(req, strat, plan, transfer_items(strat, plan, n)))
+        jobs.sort(key=lambda job: job.request.arrival)
+        loader, arrivals = self._stage(Run(jobs, self.store, self.link, self.device, self.verify, self.timeout_s))
+        return self._serve(jobs, arrivals, loader)
 
-        def start(t0: float) -> None:
-            for _, _, arr in jobs:
-                arr.t0 = t0
-            loader.go.set()
+    def _stage(self, run: Run) -> tuple[Loader, list[Arrivals]]:
+        """The run's loader, staged: the one asked for, or under "auto" the first that can serve it."""
+        names = AUTO if self.loader == "auto" else (self.loader,)
+        for k, name in enumerate(names):
+            loader = create_loader(name, **self.loader_options)
+            try:
+                arrivals = loader.stage(run)
+            except LoaderUnavailable as e:
+                if self.loader != "auto":
+                    raise EngineError(f"loader={name!r} cannot serve this run: {e}") from None
+                if e.warn and k + 1 < len(names):
+                    warnings.warn(f"{e}; moving items with the {names[k + 1]} loader instead", RuntimeWarning,
+                                  stacklevel=4)
+                continue
+            if len(arrivals) != len(run.jobs):
+                raise EngineError(f"loader {name!r} staged {len(arrivals)} requests of {len(run.jobs)}")
+            return loader, arrivals
+        raise EngineError(f"none of the loaders {', '.join(names)} can serve this run")
 
-        return self._serve(checked, [arr for _, _, arr in jobs], start, lambda: loader.join(timeout=self.timeout_s),
-                           "thread")
-
-    def _worker_run(self, checked, on_cuda: bool):
-        """The run staged for a link worker process, or None where the loader thread moves the items."""
-        if self.loader == "thread" or (self.loader == "auto" and on_cuda):
-            return None
-        from ds_study.serving.loaders import process as process_loader
-
-        if self.loader == "process" and (on_cuda or not process_loader.available()):
-            raise EngineError("loader='process' moves host memory on a POSIX system; use loader='thread'")
-        if not process_loader.available():
-            return None
-        try:
-            return process_loader.WorkerRun(self.store, self.link, [(r, s, i) for r, s, _, i in checked],
-                                            self.verify, self.timeout_s)
-        except process_loader.NeedsThreadLoader as e:
-            if self.loader == "process":
-                raise EngineError(f"loader='process' cannot serve this run: {e}") from None
-            if isinstance(e, process_loader.WorkerUnavailable):
-                warnings.warn(f"{e}; moving items with a loader thread instead", RuntimeWarning, stacklevel=4)
-            return None
-
-    def _serve(self, checked, arrivals: list[Arrivals], start, finish, loader: str) -> list[RequestResult]:
+    def _serve(self, jobs: list[Job], arrivals: list[Arrivals], loader: Loader) -> list[RequestResult]:
         """Start the loader's clock, serve every request in arrival order on this thread, then stop it."""
         t0 = time.perf_counter()
-        start(t0)
+        loader.start(t0)
         results = []
         try:
-            for (req, strat, plan, _), arr in zip(checked, arrivals):
-                sleep_until(t0 + req.arrival)
-                res = execute(req, strat, plan, arr, self.timeout_s, self.e_chunk_tokens, self.suffix_graphs,
-                              self.overlap_recompute)
-                res.loader = loader if arr.items else ""
+            for job, arr in zip(jobs, arrivals):
+                sleep_until(t0 + job.request.arrival)
+                res = execute(job.request, job.strategy, job.plan, arr, self.timeout_s, self.e_chunk_tokens,
+                              self.suffix_graphs, self.overlap_recompute)
+                res.loader = loader.name if arr.items else ""
                 results.append(res)
         finally:  # also when a request raised: release a loader waiting for a prefill that will not come
             for arr in arrivals:
                 arr.cancelled.set()
                 arr.prefilled.set()
-            finish()
+            loader.finish(results)
         return results

@@ -8,11 +8,6 @@ checksum and is recomputed (``EntryRejected``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ds_study.serving.rules import Item
-
 
 class EngineError(ValueError):
     """A request the engine cannot run (unknown strategy, wrong model); raised before any work."""
@@ -23,9 +18,10 @@ class TransferFailed(RuntimeError):
 
 
 class EntryRejected(RuntimeError):
-    """An entry failed its checksum on arrival; the receiver recomputes what it would have given."""
+    """An entry failed its checksum on arrival; the receiver recomputes what it would have given.
+    ``item``: the ``rules.Item`` whose entry it was."""
 
-    def __init__(self, item: "Item", reason: str):
+    def __init__(self, item, reason: str):
         super().__init__(f"{item.name}: {reason}")
         self.item = item
 

@@ -16,8 +16,9 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from ds_study.executor import (Plan, decode, greedy_after, lower_right_exact, parse_plan, prepare_suffix,
-                               recompute_group, recompute_group_streaming, streams_e_rows)
+from ds_study.executor import (decode, greedy_after, lower_right_exact, prepare_suffix, recompute_group,
+                               recompute_group_streaming, streams_e_rows)
+from ds_study.plans import Plan, parse_plan
 from ds_study.serving.arrivals import Arrivals
 from ds_study.serving.errors import EntryRejected, TransferFailed
 from ds_study.serving.graphs import graphs_for

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ds_study.executor import Plan, PlanError, groups_plan, layer_runs, parse_plan
+from ds_study.plans import Plan, PlanError, groups_plan, layer_runs, parse_plan
 from ds_study.serving.errors import EngineError
 
 

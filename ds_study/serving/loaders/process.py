@@ -1,4 +1,4 @@
-"""The receiver's side of the link worker process (``ds_study.link_worker``).
+"""The link worker loader (``loader="process"``): the receiver's side of ``ds_study.link_worker``.
 
 ``Engine(loader="process")`` (the default for host-memory stores on CPU) stages every item a run
 will load into a shared-memory arena before the run's clock starts, hands the worker the run's
@@ -30,7 +30,7 @@ from ds_study.link import Link
 from ds_study.link_worker import FrameReader, write_frame
 from ds_study.serving.arrivals import Arrivals
 from ds_study.serving.errors import error_line
-from ds_study.serving.loaders.base import item_sources, reject_corrupt
+from ds_study.serving.loaders.base import Loader, LoaderUnavailable, Run, item_sources, reject_corrupt
 from ds_study.serving.rules import STREAMING, Item
 from ds_study.serving.store import KVStore, context_hash
 from ds_study.serving.timeline import Request
@@ -38,12 +38,14 @@ from ds_study.serving.timeline import Request
 ALIGN = 64  # every staged region starts on a cache line (and any dtype's element boundary)
 
 
-class NeedsThreadLoader(Exception):
+class NeedsThreadLoader(LoaderUnavailable):
     """This run cannot go through a worker (its entries are not in host memory): use the loader thread."""
 
 
 class WorkerUnavailable(NeedsThreadLoader):
     """No worker could take this run (it would not start, or no room for its arena)."""
+
+    warn = True
 
 
 def available() -> bool:
@@ -343,6 +345,25 @@ class WorkerRun:
             w.proc.kill()
             w.proc.wait()
         release(w)
+
+
+class ProcessLoader(Loader):
+    """``WorkerRun`` behind the ``Loader`` interface: staged before the clock, started at t0."""
+
+    name = "process"
+
+    def stage(self, run: Run) -> list[Arrivals]:
+        if run.on_cuda or not available():
+            raise NeedsThreadLoader("the link worker moves host memory on a POSIX system; use loader='thread'")
+        self.worker_run = WorkerRun(run.store, run.link, [(job.request, job.strategy, job.items) for job in run.jobs],
+                                    run.verify, run.timeout_s)
+        return self.worker_run.arrivals
+
+    def start(self, t0: float) -> None:
+        self.worker_run.start(t0)
+
+    def finish(self, results) -> None:
+        self.worker_run.finish()
 
 
 def _aligned(n: int) -> int:

@@ -1,4 +1,5 @@
-"""The loader thread: moves a run's items from the store over a paced ``Link`` inside this process.
+"""The loader thread (``loader="thread"``): moves a run's items from the store over a paced ``Link``
+inside this process.
 
 Needed for CUDA copies (a side stream from pinned host memory, each arrival with an event) and for
 stores with entries on a GPU; on CPU the link worker process is preferred, since this thread takes
@@ -15,7 +16,7 @@ from ds_study.caches import CacheChecksumError
 from ds_study.link import Link, sleep_until
 from ds_study.serving.arrivals import Arrivals
 from ds_study.serving.errors import error_line
-from ds_study.serving.loaders.base import item_sources, reject_corrupt
+from ds_study.serving.loaders.base import Loader, Run, item_sources, reject_corrupt
 from ds_study.serving.rules import STREAMING, Item
 from ds_study.serving.store import KVStore, context_hash, entry_hasher
 from ds_study.serving.timeline import Request
@@ -108,3 +109,28 @@ def _and_advance(feed, arr: Arrivals, item: Item):
             feed(j, seg)
         arr.advance(item, seg.numel() * seg.element_size())
     return on_segment
+
+
+class ThreadLoader(Loader):
+    """``StoreLoader`` behind the ``Loader`` interface: started ahead in ``stage``, released at t0.
+
+    On CUDA its copies go on a side stream of the run's device, and each arrival carries an event."""
+
+    name = "thread"
+
+    def stage(self, run: Run) -> list[Arrivals]:
+        self.arrivals = [Arrivals(job.items, 0.0) for job in run.jobs]
+        stream = torch.cuda.Stream(run.device) if run.on_cuda else None
+        jobs = [(job.request, job.strategy, arr) for job, arr in zip(run.jobs, self.arrivals)]
+        self.thread = StoreLoader(run.store, run.link, jobs, run.device, stream, run.verify)
+        self.thread.start()
+        self.timeout_s = run.timeout_s
+        return self.arrivals
+
+    def start(self, t0: float) -> None:
+        for arr in self.arrivals:
+            arr.t0 = t0
+        self.thread.go.set()
+
+    def finish(self, results) -> None:
+        self.thread.join(timeout=self.timeout_s)
