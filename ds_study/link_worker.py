@@ -12,11 +12,11 @@ sources and the receiver's destinations), checksums each entry as it crosses (sh
 ``caches.tensors_sha256``) and paces every transfer with ``ds_study.link.Link``, the same schedule
 the in-process loaders use. It reads commands on stdin and reports on stdout, as length-prefixed
 pickles; data never goes through the pipes, and every report of progress is written after the bytes
-it reports, so whoever reads the report sees them. Parent side: ``ds_study.process_loader``.
+it reports, so whoever reads the report sees them. Parent side: ``ds_study.serving.loaders.process``.
 
 Commands: ("arena", path, size) maps a new arena; ("run", spec) runs one engine run's jobs in order
-(FIFO on one link, as ``engine.StoreLoader``); during a run, ("cancel", job) and ("prefilled", job,
-perf_counter time) arrive; ("quit",) ends the worker, as does the end of stdin.
+(FIFO on one link, as ``serving.loaders.thread.StoreLoader``); during a run, ("cancel", job) and
+("prefilled", job, perf_counter time) arrive; ("quit",) ends the worker, as does the end of stdin.
 Reports: ("arena-ok",), ("begin", job, item, wire start), ("progress", job, item, bytes),
 ("deliver", job, item, wire start, arrival), ("reject", job, item, bytes sent, bad entry indices),
 ("fail", job, reason), ("done", link busy_until).
