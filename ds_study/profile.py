@@ -32,6 +32,38 @@ def summarize_plans(task, rows_by_plan: dict[str, list[dict]]) -> list[dict]:
             for p, rows in rows_by_plan.items()]
 
 
+def record_cells(ev, plans, examples, path, before=None) -> dict[str, list[dict]]:
+    """Every (example, plan) cell of ``ev``, by plan, also written to ``path`` (samples.jsonl, one
+    line a cell, example-major); ``before(example)`` runs first for each example."""
+    rows_by_plan = {p.name: [] for p in plans}
+    with open(path, "w") as samples:
+        for ex in examples:
+            if before is not None:
+                before(ex)
+            for plan in plans:
+                row = ev.cell(plan, ex)
+                rows_by_plan[plan.name].append(row)
+                samples.write(json.dumps(row) + "\n")
+    return rows_by_plan
+
+
+def quality_summary(job: str, cfg: DictConfig, task, pair, ev, n_examples: int, rows_by_plan: dict, t0: float,
+                    **extra) -> dict:
+    """summary.json of a run that scored plans (evaluate, profile): what ran on what, ``extra``,
+    and the quality table."""
+    return {"job": job, "pair": cfg.model_pair.name, "dataset": task.name, "split": cfg.split,
+            "n_examples": n_examples, **extra, "models": pair.identities(), "metric": task.metric,
+            "metric_versions": metrics.metric_versions([task.metric]), "quality": summarize_plans(task, rows_by_plan),
+            "seconds": round(time.perf_counter() - t0, 1), "cells_file": str(ev.store.path)}
+
+
+def finish(run, summary: dict) -> dict:
+    """Write the run's summary.json and say where the run is."""
+    runner.write_json(run / "summary.json", summary)
+    print(f"\nresults: {run}")
+    return summary
+
+
 def print_table(title: str, table: list[dict]) -> None:
     print(f"\n{title}")
     print(f"  {'plan':<28}{'score':>8}  {'metric':<10}{'n':>5}")
@@ -56,23 +88,17 @@ def main(cfg: DictConfig) -> dict:
           f"{task.name}/{cfg.split}: {len(examples)} examples, {pair.n_layers} layers -> {run}")
 
     ev.fill(plans, examples, desc="baselines")  # the baselines' cells (in parallel with workers > 1), live bar
-    rows_by_plan = {p.name: [] for p in plans}
     per_example, t0 = [], time.perf_counter()
-    with open(run / "samples.jsonl", "w") as samples:
-        for ex in tqdm(examples, desc="examples", dynamic_ncols=True):
-            sender_cache, receiver_cache = ev.caches(ex, need_receiver=cfg.deviation)
-            if cfg.deviation:
-                for row in deviation.layer_deviation(pair.receiver, receiver_cache, sender_cache):
-                    per_example.append({"id": ex.id, **row})
-            for plan in plans:
-                row = ev.cell(plan, ex)
-                rows_by_plan[plan.name].append(row)
-                samples.write(json.dumps(row) + "\n")
-    table = summarize_plans(task, rows_by_plan)
-    summary = {"job": "profile", "pair": cfg.model_pair.name, "dataset": task.name, "split": cfg.split,
-               "n_examples": len(examples), "n_layers": pair.n_layers, "models": pair.identities(),
-               "metric": task.metric, "metric_versions": metrics.metric_versions([task.metric]),
-               "quality": table, "seconds": round(time.perf_counter() - t0, 1), "cells_file": str(ev.store.path)}
+
+    def deviation_of(ex) -> None:
+        sender_cache, receiver_cache = ev.caches(ex, need_receiver=cfg.deviation)
+        if cfg.deviation:
+            for row in deviation.layer_deviation(pair.receiver, receiver_cache, sender_cache):
+                per_example.append({"id": ex.id, **row})
+
+    rows_by_plan = record_cells(ev, plans, tqdm(examples, desc="examples", dynamic_ncols=True),
+                                run / "samples.jsonl", before=deviation_of)
+    summary = quality_summary("profile", cfg, task, pair, ev, len(examples), rows_by_plan, t0, n_layers=pair.n_layers)
     if cfg.deviation:
         import pandas as pd
 
@@ -84,21 +110,17 @@ def main(cfg: DictConfig) -> dict:
         summary["deviation_mean"] = {c: round(float(dev[c].mean()), 6) for c in deviation.COLUMNS}
         print("\nper-layer deviation (mean over examples)")
         print(dev[["layer", *deviation.COLUMNS]].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    print_table(f"quality on {task.name}/{cfg.split} ({len(examples)} examples)", table)
+    print_table(f"quality on {task.name}/{cfg.split} ({len(examples)} examples)", summary["quality"])
     if cfg.search.enabled:  # ends with the frontier, the selected plans and the critical layers
         from ds_study import search
 
         summary["search"] = search.run_from_profile(cfg, pair, task, examples, ev, run)
     summary.update(seconds=round(time.perf_counter() - t0, 1), cells_computed=ev.n_run, cells_reused=ev.n_reused,
                    cells_from_earlier_runs=ev.n_cached)
-    runner.write_json(run / "summary.json", summary)
-    print(f"\nresults: {run}")
-    return summary
+    return finish(run, summary)
 
 
-@hydra_main("profile")  # user errors in one or two lines, bugs with their traceback (ds_study.cli)
-def cli(cfg: DictConfig) -> None:
-    main(cfg)
+cli = hydra_main("profile")(main)  # user errors in one or two lines, bugs with their traceback (ds_study.cli)
 
 
 if __name__ == "__main__":
