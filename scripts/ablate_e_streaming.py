@@ -7,17 +7,16 @@ context, so drift in machine load hits all settings alike; prints the median pip
 per setting. The numbers quoted in docs/engine.md came from this script.
 """
 import statistics
-import sys
 import types
 
 import torch
 
-sys.path.insert(0, 'scripts')
-import bench_ttft as B
 from ds_study import serving as engine
 from ds_study.link import Link
+from ds_study.serving.bench import ttft as B
 torch.set_num_threads(1)
-args = types.SimpleNamespace(receiver="zoo:code", sender="zoo:qa", task="pycode", examples=3, random=False, random_tokens=768, receiver_b="zoo:qa")
+args = types.SimpleNamespace(receiver="zoo:code", sender="zoo:qa", task="pycode", examples=3, random=False,
+                             random_tokens=768, receiver_b="zoo:qa", loader="auto")
 S = B.load_setup(args)
 orig = engine.Engine.__init__
 def one(gbps, chunk, gil, i):

@@ -10,21 +10,15 @@ in flight) in 64 KiB chunks, at 0.2 Gbit/s (a chunk every 2.6 ms, the CPU benchm
 0.8 Gbit/s (every 0.65 ms). Settings are interleaved round by round, and the queue is long enough
 to keep the link busy for every recomputation of a round (checked: ``link_busy_throughout``). Prints
 each setting's median recompute time and its ratio to the same recomputation with no loader.
-Results: results/engine/loader_contention.json.
+Results: results/engine/loader_contention.json (ds_study.serving.bench.loaders).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import sys
-import time
-from pathlib import Path
-from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parents[1]
+from ds_study.serving.bench import loaders
 
 
 def main() -> None:
@@ -33,90 +27,14 @@ def main() -> None:
     p.add_argument("--sender", default="zoo:qa")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--reps", type=int, default=6, help="recomputations per setting and round")
-    p.add_argument("--out", default=str(ROOT / "results" / "engine" / "loader_contention.json"))
+    p.add_argument("--out", default=os.path.relpath(loaders.RESULT))
     args = p.parse_args()
     if args.rounds < 1 or args.reps < 1:
         p.error("--rounds and --reps must be >= 1")
-    import torch
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench_ttft import environment
-
-    from ds_study.data import TASKS, build_prompt, load_records
-    from ds_study.serving import (KVStore, Link, Request, check_request, context_hash, item_sources, model_identity,
-                                  publish, transfer_items)
-    from ds_study.serving.loaders import Job, Run, create_loader
-    from ds_study.executor import capture, recompute_group
-    from ds_study.pair import load_pair
-
-    torch.set_num_threads(1)
-    pair = load_pair(args.receiver, args.sender)
-    record = load_records("pycode", "test", limit=1)[0]
-    prompt = build_prompt(record, TASKS["pycode"], pair.tokenizer, pair.receiver.config.max_position_embeddings)
-    ids = prompt.prefix_ids
-    sc = capture(pair.sender, ids)
-    sender = SimpleNamespace(embeds={2: sc.embeds[2]})
-    rid, sid = model_identity(pair.receiver_id), model_identity(pair.sender_id)
-    store = KVStore()
-    publish(store, sc, sid, rid)
-    n = pair.receiver.config.num_hidden_layers
-    strategy, plan = check_request("pipelined", "2-3", n)
-    items = transfer_items(strategy, plan, n)
-    probe = Request("probe", pair.receiver, rid, sid, plan, ids, prompt.suffix_ids)
-    per_request = sum(t.numel() * t.element_size() for it in items
-                      for t in item_sources(store, probe, it, context_hash(ids))[1])
-    env = environment()
-    sys.setswitchinterval(2e-4)  # as Engine.run sets it
-
-    def recompute() -> float:
-        t = time.perf_counter()
-        with torch.no_grad():
-            recompute_group(pair.receiver, 2, 3, ids, sender)
-        return time.perf_counter() - t
-
-    def measure(loader: str | None, gbps: float) -> tuple[list[float], bool]:
-        """``args.reps`` recomputations while ``loader`` moves a queue of requests' items."""
-        if loader is None:
-            return [recompute() for _ in range(args.reps)], True
-        link = Link(gbps, 0.0, 1 << 16)
-        n_req = int(2.0 * args.reps * 0.040 / link.seconds(per_request)) + 2  # > reps x ~40 ms of link time
-        reqs = [Request(f"q{i}", pair.receiver, rid, sid, plan, ids, prompt.suffix_ids) for i in range(n_req)]
-        moving = create_loader(loader)  # as the engine drives it: staged, started, finished
-        arrs = moving.stage(Run([Job(r, strategy, plan, items) for r in reqs], store, link))
-        t0 = time.perf_counter()
-        moving.start(t0)
-        got = [recompute() for _ in range(args.reps)]
-        busy = time.perf_counter() < t0 + n_req * link.seconds(per_request)
-        for a in arrs:
-            a.cancelled.set()
-            a.prefilled.set()
-        moving.finish([])
-        return got, busy
-
-    settings = [(None, 0.2), ("thread", 0.2), ("process", 0.2), ("thread", 0.8), ("process", 0.8)]
-    times: dict[str, list[float]] = {}
-    busy_all: dict[str, bool] = {}
-    for _ in range(3):
-        recompute()  # warm-up
-    for _ in range(args.rounds):
-        for loader, gbps in settings:
-            key = "none" if loader is None else f"{loader} loader, {gbps:g} Gbit/s"
-            got, busy = measure(loader, gbps)
-            times.setdefault(key, []).extend(got)
-            busy_all[key] = busy_all.get(key, True) and busy
-    base = statistics.median(times["none"])
-    rows = [{"setting": k, "median_ms": 1e3 * statistics.median(v), "ratio_to_none": statistics.median(v) / base,
-             "link_busy_throughout": busy_all[k], "n": len(v), "ms": [1e3 * x for x in v]} for k, v in times.items()]
-    env["loadavg_end"] = os.getloadavg()
-    out = {"what": "recompute time of layers 2-3 while the engine's loader moves pipelined requests' items",
-           "pair": f"{args.receiver} <- {args.sender}", "n_prefix": len(ids), "chunk_bytes": 1 << 16,
-           "bytes_per_request": per_request, "environment": env, "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    for r in rows:
+    out = loaders.contention(args.receiver, args.sender, args.rounds, args.reps, args.out)
+    for r in out["results"]:
         print(f"{r['setting']:>30}: {r['median_ms']:6.2f} ms  x{r['ratio_to_none']:.3f}"
               f"{'' if r['link_busy_throughout'] else '  (link went idle during a round)'}")
-    print(f"wrote {os.path.relpath(args.out, ROOT) if args.out.startswith(str(ROOT)) else args.out}")
 
 
 if __name__ == "__main__":
