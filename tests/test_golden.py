@@ -1,4 +1,4 @@
-"""The golden-result check (scripts/golden.py) accepts its own run, tolerates float-level noise and
+"""The golden-result check (scripts/golden.py over ds_study.golden) accepts its own run, tolerates float-level noise and
 rejects a moved deviation, a moved quality beyond tolerance, and a run of other models."""
 
 import csv
@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from ds_study import golden as golden_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("golden", ROOT / "scripts" / "golden.py")
@@ -27,7 +29,7 @@ def fake_run(root: Path, name: str = "2026-01-01_00-00-00_profile_tiny_pycode", 
         "exhaustive": {"2": {"frontier": [{"k": 0, "budget_score": 29.0}, {"k": 2, "budget_score": 31.0}],
                              "selected": [{"delta": 0.05, "plan": "full_reuse"}]}}}))
     with open(run / "deviation.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["layer", *golden.DEVIATION_COLUMNS])
+        w = csv.DictWriter(f, fieldnames=["layer", *golden_lib.DEVIATION_COLUMNS])
         w.writeheader()
         w.writerow({"layer": 0, "k_dev": k_dev0, "v_dev": 0.6, "e_dev": 0.4, "attn_cos": 0.7})
         w.writerow({"layer": 1, "k_dev": 0.55, "v_dev": 0.7, "e_dev": 0.5, "attn_cos": 0.4})
@@ -65,8 +67,8 @@ def test_committed_golden_file_describes_the_default_pair():
 
     from ds_study.pair import local_dir, resolve, weights_sha256
 
-    pair = golden.default_pair()
-    want = json.loads(golden.golden_path().read_text())
+    pair = golden_lib.default_pair()
+    want = json.loads(golden_lib.golden_path().read_text())
     mp = OmegaConf.load(ROOT / "ds_study" / "conf" / "model_pair" / f"{pair}.yaml")
     assert want["pair"] == pair and want["dataset"] == mp.task
     assert want["models"] == {"receiver": weights_sha256(local_dir(resolve(mp.receiver))),
