@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ds_study.arch import layout
 from ds_study.caches import ContextCache
 from ds_study.deviation import rel_l2
 from ds_study.executor import GroupMemo, capture, partial_prefill
@@ -138,7 +139,7 @@ def _crop(cache, n: int) -> None:
 
 def _hidden(model, cache, ids, pos, mask) -> torch.Tensor:
     """Final-norm hidden states of a block after the cached context."""
-    return model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).last_hidden_state
+    return layout(model).body(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).last_hidden_state
 
 
 def score_and_decode(model, cache, prefix_mask, items: list[Item], pad_id: int, max_new_tokens: int,
@@ -150,21 +151,21 @@ def score_and_decode(model, cache, prefix_mask, items: list[Item], pad_id: int, 
     from there with the answer's columns masked out. The vocabulary projection runs only where it is
     read. Returns (log-probabilities, suffix hidden states, decoded ids) per row; ``stop(ids)`` ends a
     row early (metrics.stop_rule). The cache is cropped back to the context afterwards."""
-    P = prefix_mask.shape[1]
+    P, head = prefix_mask.shape[1], layout(model).head
     ids, pos, mask, _ = _block(items, [it.suffix + it.answer for it in items], prefix_mask, pad_id)
     hidden = _hidden(model, cache, ids, pos, mask)
     logp, suffix_hidden = [], []
     for i, it in enumerate(items):
         s, a = len(it.suffix), len(it.answer)
         # position s-1+k predicts answer[k]
-        logp.append(torch.log_softmax(model.lm_head(hidden[i, s - 1: s - 1 + a]).float(), dim=-1))
+        logp.append(torch.log_softmax(head(hidden[i, s - 1: s - 1 + a]).float(), dim=-1))
         suffix_hidden.append(hidden[i, :s])
     rows = torch.arange(len(items), device=ids.device)
     last = torch.tensor([len(it.suffix) - 1 for it in items], device=ids.device)
     mask = mask.clone()
     for i, it in enumerate(items):
         mask[i, P + len(it.suffix):] = 0  # decoding follows the suffix, not the gold answer
-    nxt = model.lm_head(hidden[rows, last]).float().argmax(-1)
+    nxt = head(hidden[rows, last]).float().argmax(-1)
     last_pos = pos[rows, last]
     gen: list[list[int]] = [[] for _ in items]
     done = [False] * len(items)
@@ -183,7 +184,7 @@ def score_and_decode(model, cache, prefix_mask, items: list[Item], pad_id: int, 
         last_pos = last_pos + 1
         mask = torch.cat([mask, torch.ones((len(items), 1), dtype=mask.dtype, device=mask.device)], dim=1)
         step_hidden = _hidden(model, cache, nxt[:, None], last_pos[:, None], mask)
-        nxt = model.lm_head(step_hidden[:, -1]).float().argmax(-1)
+        nxt = head(step_hidden[:, -1]).float().argmax(-1)
     _crop(cache, P)
     return logp, suffix_hidden, gen
 

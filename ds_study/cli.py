@@ -32,7 +32,7 @@ EXIT_USER_ERROR = 2
 # by module and name so that this module imports none of them: they pull in torch and transformers)
 USER_ERROR_CLASSES = {
     ("ds_study.executor", "PlanError"), ("ds_study.pair", "IncompatiblePair"),
-    ("ds_study.pair", "UnsupportedArchitecture"), ("ds_study.pair", "CorruptCheckpoint"),
+    ("ds_study.arch", "UnsupportedArchitecture"), ("ds_study.pair", "CorruptCheckpoint"),
     ("ds_study.zoo", "ZooError"), ("ds_study.smol", "SmolError"),
     ("ds_study.data", "DatasetUnavailable"), ("ds_study.caches", "CacheChecksumError"),
 }

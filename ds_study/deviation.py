@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ds_study.arch import layout
 from ds_study.caches import ContextCache
 from ds_study.executor import SubstituteKV, fresh_masks, layer_type
 
@@ -36,12 +37,12 @@ def token_cos(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def attention_outputs(model, layer: int, own: ContextCache, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Receiver's attention output at ``layer`` (its own query from its own E) over the given K/V."""
-    block = model.model.layers[layer]
-    hidden = block.input_layernorm(own.embeds[layer])
+    parts = layout(model)
+    hidden = parts.attention_norm(layer)(own.embeds[layer])
     pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    pos_emb = model.model.rotary_emb(hidden, position_ids=pos)
+    pos_emb = parts.rotary(hidden, pos)
     mask = fresh_masks(model, hidden, pos)[layer_type(model.config, layer)]
-    out = block.self_attn(hidden_states=hidden, position_embeddings=pos_emb, attention_mask=mask,
+    out = parts.attention(layer)(hidden_states=hidden, position_embeddings=pos_emb, attention_mask=mask,
                           cache=SubstituteKV(keys, values))
     return out[0] if isinstance(out, tuple) else out
 

@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 
 from ds_study.caches import ContextCache
-from ds_study.pair import SUPPORTED_MODEL_TYPES, UnsupportedArchitecture
-from ds_study.plans import Plan, PlanError, groups_plan, layer_runs, parse_plan  # noqa: F401  (re-exported)
+from ds_study.arch import layout
+from ds_study.plans import Plan, PlanError
 
 # --------------------------------------------------------------------------------------------
 # Cache stand-ins the attention modules write into
@@ -85,11 +85,8 @@ class BlendKV:
 
 
 def check_supported(model) -> None:
-    mt = model.config.model_type
-    if mt not in SUPPORTED_MODEL_TYPES or not hasattr(model, "model") or not hasattr(model.model, "layers"):
-        raise UnsupportedArchitecture(
-            f"model_type {mt!r} is not supported by the partial-prefill executor; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    """Refuse a model whose layout no architecture adapter drives (ds_study.arch)."""
+    layout(model)
 
 
 def layer_type(config, i: int) -> str:
@@ -123,7 +120,7 @@ def run_layers(model, hidden: torch.Tensor, position_ids: torch.Tensor, start: i
     rotary (cos, sin) of ``position_ids``, if already computed.
     """
     if pos_emb is None:
-        pos_emb = model.model.rotary_emb(hidden, position_ids=position_ids)
+        pos_emb = layout(model).rotary(hidden, position_ids)
     masks = mask if isinstance(mask, dict) else None if mask is not None else fresh_masks(model, hidden, position_ids)
     for i in range(start, end):
         if record_inputs is not None:
@@ -135,7 +132,7 @@ def run_layers(model, hidden: torch.Tensor, position_ids: torch.Tensor, start: i
 
 def run_layer(model, i: int, hidden: torch.Tensor, mask, pos_emb, position_ids: torch.Tensor, cache) -> torch.Tensor:
     """Decoder layer ``i`` of ``model``, its K/V written to (and read back from) ``cache``."""
-    out = model.model.layers[i](hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
+    out = layout(model).layer(i)(hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
                                 cache=cache, use_cache=True)
     return out[0] if isinstance(out, tuple) else out
 
@@ -161,7 +158,7 @@ def capture(model, token_ids, with_embeds: bool = True, model_id: dict | None = 
     check_supported(model)
     device = next(model.parameters()).device
     ids = as_ids(token_ids, device)
-    hidden = model.model.embed_tokens(ids)
+    hidden = layout(model).embed(ids)
     kv, inputs = LayerKV(), {}
     run_layers(model, hidden, _positions(ids.shape[1], device), 0, model.config.num_hidden_layers, kv,
                record_inputs=inputs if with_embeds else None)
@@ -179,7 +176,7 @@ def group_input(model, a: int, token_ids, sender: ContextCache | None) -> torch.
     """What a recompute group starting at layer ``a`` reads: the sender's E_a, or own embeddings if a == 0."""
     p = next(model.parameters())
     if a == 0:
-        return model.model.embed_tokens(as_ids(token_ids, p.device))
+        return layout(model).embed(as_ids(token_ids, p.device))
     if sender is None or sender.embeds is None:
         raise PlanError(f"a recompute group starting at layer {a} needs the sender's E at layer {a}, "
                         f"which was not captured")
@@ -216,7 +213,7 @@ def rotary_table(model, n: int) -> tuple:
     model computes for positions t0..t1-1 (each entry is one product and a cos/sin, so slicing the table
     changes no bit)."""
     p = next(model.parameters())
-    return model.model.rotary_emb(torch.empty(0, dtype=p.dtype, device=p.device), position_ids=_positions(n, p.device))
+    return layout(model).rotary(torch.empty(0, dtype=p.dtype, device=p.device), _positions(n, p.device))
 
 
 @torch.no_grad()
@@ -335,7 +332,7 @@ def reuse_only_prefill(model, plan: Plan, token_ids, sender: ContextCache) -> li
         raise PlanError(f"plan {plan.name} needs a sender cache")
     device = next(model.parameters()).device
     kv = MixedKV(sender, {i for a, b in plan.groups for i in range(a, b + 1)})
-    hidden = model.model.embed_tokens(as_ids(token_ids, device))
+    hidden = layout(model).embed(as_ids(token_ids, device))
     run_layers(model, hidden, _positions(hidden.shape[1], device), 0, model.config.num_hidden_layers, kv)
     return [(kv.k[i], kv.v[i]) for i in range(model.config.num_hidden_layers)]
 
@@ -351,7 +348,7 @@ def cacheblend_prefill(model, token_ids: list[int], sender: ContextCache, ratio:
     device = next(model.parameters()).device
     T = len(token_ids)
     kv = LayerKV()
-    hidden = model.model.embed_tokens(torch.tensor([token_ids], device=device))
+    hidden = layout(model).embed(torch.tensor([token_ids], device=device))
     hidden = run_layers(model, hidden, _positions(T, device), 0, check_layer + 1, kv)
     layers = [(kv.k[i], kv.v[i]) for i in range(check_layer + 1)]
     if check_layer + 1 >= n:
@@ -402,8 +399,8 @@ def prepare_suffix(model, ids: torch.Tensor, past: int) -> SuffixInputs | None:
     from torch.nn.attention.bias import causal_lower_right
 
     positions = torch.arange(past, past + new, device=ids.device).unsqueeze(0)
-    hidden = model.model.embed_tokens(ids)
-    return SuffixInputs(past, hidden, positions, model.model.rotary_emb(hidden, position_ids=positions),
+    hidden = layout(model).embed(ids)
+    return SuffixInputs(past, hidden, positions, layout(model).rotary(hidden, positions),
                         causal_lower_right(new, past + new))
 
 
@@ -423,10 +420,10 @@ def suffix_pass(model, ids: torch.Tensor, cache, prepared: SuffixInputs | None =
     elif prepared.past != past:
         raise ValueError(f"suffix inputs were prepared after {prepared.past} context tokens, the cache holds {past}")
     if prepared is None:
-        return model.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
+        return layout(model).body(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
     hidden = run_layers(model, prepared.hidden, prepared.positions, 0, model.config.num_hidden_layers, cache,
                         mask=prepared.mask, pos_emb=prepared.pos_emb)
-    return model.model.norm(hidden)
+    return layout(model).norm(hidden)
 
 
 @dataclass
@@ -463,7 +460,7 @@ def greedy_after(model, cache, hidden: torch.Tensor, max_new_tokens: int, eos_to
     states, ``cache`` holds every prompt token's K/V, ``logits`` the first token's (if already computed)."""
     device = hidden.device
     if logits is None:
-        logits = model.lm_head(hidden[-1:])[0]
+        logits = layout(model).head(hidden[-1:])[0]
     first, generated = logits, []
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
     for _ in range(max_new_tokens):
@@ -473,8 +470,8 @@ def greedy_after(model, cache, hidden: torch.Tensor, max_new_tokens: int, eos_to
         generated.append(tok)
         if len(generated) == max_new_tokens or (stop is not None and stop(generated)):
             break
-        out = model.model(input_ids=torch.tensor([[tok]], device=device), cache=cache, use_cache=True)
-        logits = model.lm_head(out.last_hidden_state[0, -1:])[0]
+        out = layout(model).body(input_ids=torch.tensor([[tok]], device=device), cache=cache, use_cache=True)
+        logits = layout(model).head(out.last_hidden_state[0, -1:])[0]
     return Decoded(generated, first.float().cpu(), hidden[-1].float().cpu(), hidden.float().cpu())
 
 

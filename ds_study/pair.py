@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
+from ds_study.arch import check_model_type
+
 SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -25,10 +26,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class IncompatiblePair(ValueError):
     """Sender and receiver cannot share KV caches (shape or tokenizer mismatch)."""
-
-
-class UnsupportedArchitecture(ValueError):
-    """The executor drives decoder layers of specific architectures only."""
 
 
 class CorruptCheckpoint(ValueError):
@@ -211,9 +208,7 @@ def check_compatible(receiver_config, sender_config, receiver_tok, sender_tok,
                      receiver_ref: str = "receiver", sender_ref: str = "sender") -> None:
     """Raise IncompatiblePair naming the first mismatch; checks configs and tokenizers only."""
     for name, cfg in ((receiver_ref, receiver_config), (sender_ref, sender_config)):
-        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedArchitecture(
-                f"{name}: model_type {cfg.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        check_model_type(cfg.model_type, name)
     rs, ss = shape_of(receiver_config), shape_of(sender_config)
     for f in SHAPE_FIELDS:
         if rs[f] != ss[f]:

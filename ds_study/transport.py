@@ -28,6 +28,7 @@ import sys
 import torch
 
 from ds_study.caches import tensors_sha256
+from ds_study.arch import layout
 from ds_study.executor import LayerKV, run_layers
 from ds_study.link import Link
 from ds_study.serving import Engine, Item, Request, RequestResult, context_hash, model_identity
@@ -52,7 +53,7 @@ class LiveCapture:
         device = next(model.parameters()).device
         ids = torch.tensor([token_ids], device=device)
         self.pos = torch.arange(len(token_ids), device=device).unsqueeze(0)
-        self.hidden = model.model.embed_tokens(ids)
+        self.hidden = layout(model).embed(ids)
         self.kv, self.embeds, self.next_layer = LayerKV(), {0: self.hidden}, 0
 
     @torch.no_grad()

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ds_study import runner  # noqa: E402
-from ds_study.executor import parse_plan  # noqa: E402
+from ds_study.plans import parse_plan  # noqa: E402
 from ds_study.pair import load_pair  # noqa: E402
 
 # a study-like mix: the baselines, single-layer reuse and contiguous groups at several starts

@@ -38,6 +38,7 @@ import torch
 
 from ds_study.serving import (Arrivals, Engine, KVStore, Link, Request, check_request, context_hash, entry_key,
                               execute, graphs_for, publish, transfer_items)
+from ds_study.arch import layout  # noqa: E402
 from ds_study.executor import LayerKV, recompute_group, run_layers, suffix_pass
 
 SHAPES = {  # Llama-3-8B geometry (reference.md §2) and a tiny one for CPU tests
@@ -84,7 +85,7 @@ def capture_to_store(model, prefix: list[int], e_layer: int, store: KVStore, sid
 
     ids = torch.tensor([prefix], device=device)
     pos = torch.arange(len(prefix), device=device).unsqueeze(0)
-    hidden, n = model.model.embed_tokens(ids), model.config.num_hidden_layers
+    hidden, n = layout(model).embed(ids), model.config.num_hidden_layers
     keys, values, embeds = [], [], [None] * n
     for i in range(n):
         if i == e_layer:
@@ -188,7 +189,7 @@ def breakdown(model, prefix: list[int], suffix: list[int], plan: str, store: KVS
     rec["recompute_ms"], rec["recompute_issue_ms"] = gpu_ms(
         lambda: recompute_group(model, a, b, prefix, SimpleNamespace(embeds={a: e})), args.reps, device)
     rec["suffix_hf_ms"], rec["suffix_hf_issue_ms"] = gpu_ms(
-        lambda: model.model(input_ids=ids, cache=cache(), use_cache=True), args.reps, device)
+        lambda: layout(model).body(input_ids=ids, cache=cache(), use_cache=True), args.reps, device)
     rec["suffix_lower_right_ms"], rec["suffix_lower_right_issue_ms"] = gpu_ms(
         lambda: suffix_pass(model, ids, cache()), args.reps, device)
     graphs = graphs_for(model, T, len(suffix))  # the engine's per-layer graphs (captured here, reused by its runs)
@@ -224,8 +225,8 @@ def bench_context(model, prefix: list[int], suffix: list[int], plan: str, args, 
 
     @torch.no_grad()
     def one_pass() -> int:
-        h = model.model(input_ids=torch.tensor([prefix + suffix], device=device)).last_hidden_state
-        return int(model.lm_head(h[:, -1]).argmax())
+        h = layout(model).body(input_ids=torch.tensor([prefix + suffix], device=device)).last_hidden_state
+        return int(layout(model).head(h[:, -1]).argmax())
 
     # The bound's compute part: the same request with every item already on the device.
     strat, pl = check_request("pipelined", plan, n)

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from ds_study import runner, zoo
 from ds_study.data import TASKS
-from ds_study.executor import parse_plan
+from ds_study.plans import parse_plan
 from ds_study.pair import load_pair
 
 HD32 = ["model.num_attention_heads=4", "model.num_key_value_heads=1"]  # head dim 32, same size, GQA 4:1

@@ -5,7 +5,7 @@ import torch
 
 from ds_study import batched, data, runner
 from ds_study.deviation import rel_l2
-from ds_study.executor import parse_plan
+from ds_study.plans import parse_plan
 from ds_study.pair import load_pair
 
 

@@ -40,7 +40,7 @@ def test_default_roots(compose_cfg, tmp_path, monkeypatch):
 
 
 def test_seed_is_read_after_the_user_store_and_never_written(tiny, tmp_path, monkeypatch):
-    from ds_study.executor import parse_plan
+    from ds_study.plans import parse_plan
     from ds_study.pair import load_pair
 
     monkeypatch.setenv("DS_STUDY_CACHE", str(tmp_path / "cache"))

@@ -10,7 +10,8 @@ from ds_study.caches import CacheChecksumError, tensors_sha256
 from ds_study.serving import (Arrivals, Engine, EngineError, EntryKey, Item, KVStore, Link, Request, SimJob,
                               StoreMiss, check_request, context_hash, entry_hasher, entry_key, execute, publish,
                               repair_plan, simulate, sum_ttft, transfer_items)
-from ds_study.executor import PlanError, capture, decode, parse_plan, partial_prefill
+from ds_study.executor import capture, decode, partial_prefill
+from ds_study.plans import PlanError, parse_plan
 from test_executor import prompt, tiny_model
 
 torch.set_num_threads(1)

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from ds_study.caches import CacheChecksumError, ContextCache, analytic_bytes_per_token
-from ds_study.executor import (PlanError, capture, decode, parse_plan, partial_prefill, run_plan, suffix_pass)
-from ds_study.pair import UnsupportedArchitecture
+from ds_study.executor import capture, decode, partial_prefill, run_plan, suffix_pass
+from ds_study.plans import PlanError, parse_plan
+from ds_study.arch import UnsupportedArchitecture
 
 torch.manual_seed(0)
-ARCHS = ("llama", "mistral", "qwen2", "mixtral", "mistral_sw8", "qwen2_sw8")
+ARCHS = ("llama", "mistral", "qwen2", "mixtral", "phi3", "mistral_sw8", "qwen2_sw8", "phi3_sw8")
 
 
 def tiny_model(arch: str, seed: int = 0):
@@ -24,6 +25,10 @@ def tiny_model(arch: str, seed: int = 0):
         # windows shorter than the test contexts (40 tokens): sliding layers only, and mixed with full ones
         "mistral_sw8": lambda: tf.MistralConfig(**common, sliding_window=8),
         "qwen2_sw8": lambda: tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=2),
+        # Phi-3.5-mini: multi-head attention (as many KV heads as query heads), fused qkv; its config
+        # carries a sliding window (262144), so every layer runs the sliding-window path
+        "phi3": lambda: tf.Phi3Config(**{**common, "num_key_value_heads": 4}, sliding_window=None, pad_token_id=0),
+        "phi3_sw8": lambda: tf.Phi3Config(**{**common, "num_key_value_heads": 4}, sliding_window=8, pad_token_id=0),
     }[arch]()
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -145,6 +150,22 @@ def test_unsupported_architecture_is_refused():
     gpt2 = tf.AutoModelForCausalLM.from_config(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50))
     with pytest.raises(UnsupportedArchitecture, match="gpt2"):
         capture(gpt2, [1, 2, 3])
+
+
+def test_the_registered_layout_is_what_the_executor_drives(monkeypatch):
+    from ds_study import arch
+
+    class Counting(arch.DecoderLayout):
+        layers_run = 0
+
+        def layer(self, i):
+            Counting.layers_run += 1
+            return super().layer(i)
+
+    monkeypatch.setitem(arch.ARCHITECTURES, "llama", Counting)
+    model = tiny_model("llama")
+    capture(model, prompt()[0])
+    assert Counting.layers_run == 4
 
 
 def test_cache_roundtrip_bytes_and_checksum(tmp_path):

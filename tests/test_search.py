@@ -163,7 +163,8 @@ def tiny(tmp_path_factory):
 
 
 def test_group_memo_is_bit_identical(tiny):
-    from ds_study.executor import GroupMemo, capture, groups_plan, partial_prefill
+    from ds_study.executor import GroupMemo, capture, partial_prefill
+    from ds_study.plans import groups_plan
     from ds_study.pair import load_pair
 
     pair = load_pair(str(tiny[0]), str(tiny[1]))
@@ -299,7 +300,7 @@ def test_holdout_check_scores_the_compared_plans_again(tiny, tmp_path):
 
 def test_cells_are_kept_apart_by_numerics_and_recomputed_when_their_input_changes(tiny, tmp_path):
     from ds_study import data
-    from ds_study.executor import parse_plan
+    from ds_study.plans import parse_plan
     from ds_study.pair import load_pair
 
     pair = load_pair(str(tiny[0]), str(tiny[1]))

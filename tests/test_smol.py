@@ -11,7 +11,8 @@ import torch
 
 from ds_study import smol
 from ds_study.deviation import layer_deviation
-from ds_study.executor import capture, parse_plan, run_plan
+from ds_study.executor import capture, run_plan
+from ds_study.plans import parse_plan
 
 needs_base = pytest.mark.skipif(
     not (smol.base_dir() / smol.MANIFEST).is_file(),

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from ds_study import figures, runner, study
-from ds_study.executor import layer_runs
+from ds_study.plans import layer_runs
 from ds_study.study import critical_groups_layers, merge_chain
 
 

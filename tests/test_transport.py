@@ -14,7 +14,8 @@ import torch
 
 from ds_study.link import Link
 from ds_study.serving import Item
-from ds_study.executor import capture, decode, parse_plan, partial_prefill
+from ds_study.executor import capture, decode, partial_prefill
+from ds_study.plans import parse_plan
 from ds_study.transport import LiveCapture, free_port
 from test_executor import prompt, tiny_model
 

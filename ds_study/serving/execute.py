@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
+from ds_study.arch import layout
 from ds_study.executor import (decode, greedy_after, lower_right_exact, prepare_suffix, recompute_group,
                                recompute_group_streaming, streams_e_rows)
 from ds_study.plans import Plan, parse_plan
@@ -80,10 +81,11 @@ class LayerClock:
         self._handles = []
 
     def __enter__(self):
-        for i, layer in enumerate(self.model.model.layers):
+        parts = layout(self.model)
+        for i, layer in enumerate(parts.layers()):
             self._handles.append(layer.register_forward_pre_hook(self._pre))
             self._handles.append(layer.register_forward_hook(self._post(i)))
-        self._handles.append(self.model.lm_head.register_forward_hook(self._head))
+        self._handles.append(parts.head_module().register_forward_hook(self._head))
         return self
 
     def __exit__(self, *exc):

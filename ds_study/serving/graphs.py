@@ -17,6 +17,7 @@ from unittest import mock
 import torch
 from transformers import DynamicCache
 
+from ds_study.arch import layout
 from ds_study.executor import lower_right_exact, run_layer
 from ds_study.serving.errors import EngineError
 
@@ -70,16 +71,16 @@ class SuffixGraphs:
         head whenever a mask is given (4x the bytes of a Llama-3 layer's context), unless told to
         pass grouped heads to SDPA, which the lower-right causal bias supports (same values; on CPU
         bitwise, tested)."""
-        inner = self.model.model
+        parts = layout(self.model)
         if 0 <= i < self.n:
             with mock.patch.dict(os.environ, {FORCE_GQA: "1"}):  # restored afterwards, whatever it was
                 self.hidden = run_layer(self.model, i, self.hidden, self.mask, self.pos_emb, self.positions, self.cache)
         elif i < 0:
-            self.hidden = inner.embed_tokens(self.ids)
-            self.pos_emb = inner.rotary_emb(self.hidden, position_ids=self.positions)
+            self.hidden = parts.embed(self.ids)
+            self.pos_emb = parts.rotary(self.hidden, self.positions)
         else:
-            self.normed = inner.norm(self.hidden)
-            self.logits = self.model.lm_head(self.normed[:, -1:])
+            self.normed = parts.norm(self.hidden)
+            self.logits = parts.head(self.normed[:, -1:])
         self._keep.append(self.hidden)
 
     def _capture(self) -> None:
