@@ -303,3 +303,64 @@ def pretraining_text(sources: list[SourceFile]) -> str:
     """Train-pool module sources, each preceded by a header line, for base-model pretraining."""
     parts = [f"# file: {s.relpath}\n{s.text}" for s in sources if s.pool == "train"]
     return "\n\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded suite (scripts/make_tasks.py)
+
+
+# Why each task is what it is; recorded in its SOURCES.json with the data.
+REVISIONS = {
+    "pyqa": {"version": 2, "why": "v1 named the function in the question; a LoRA fine-tune of the real base "
+             "(SmolLM2-135M) reached 100 F1, leaving no room to see a loss from KV reuse. v2 describes the "
+             "function by its docstring summary and draws distractors from the same module first: find the "
+             "passage by its content, then copy its signature (a two-step lookup, as HotpotQA's bridge questions)."},
+    "pysum": {"version": 3, "why": "v1 drew the other functions at random, so the requested def stood out. v2 "
+              "removed the requested docstring (abstractive): a LoRA of SmolLM2-135M reached 12 Rouge-L against the "
+              "base's 10 (8 test examples), under the 25 floor with no margin over the sender. v3 keeps the docstrings "
+              "(extractive) and draws the other functions from the requested one's module first: the right def must "
+              "be found among look-alikes."},
+    "pycode": {"version": 1, "why": "unchanged: next-line completion already needs the file's own structure "
+               "and identifiers (lcc)."},
+}
+
+
+def write_suite(assets: Path, sizes: dict[str, int], seed: int, args: dict) -> None:
+    """Every task's pools (``sizes``: examples per pool) under ``assets``/tasks/<task>/ in LongBench's
+    schema (train.jsonl.gz, profile.jsonl, test.jsonl), their provenance and SOURCES.json (with the
+    generator's ``args``), and the pretraining corpus assets/corpus/pretrain.txt.gz. Deterministic
+    for a given stdlib version."""
+    from ds_study.records import write_json, write_jsonl, write_text
+
+    sources = stdlib_sources()
+    by_pool = {p: [s for s in sources if s.pool == p] for p in POOLS}
+    funcs = {p: [f for s in by_pool[p] for f in functions_of(s)] for p in POOLS}
+    print({p: (len(by_pool[p]), len(funcs[p])) for p in POOLS})
+
+    for task in ("pyqa", "pysum", "pycode"):
+        prov = []
+        for k, pool in enumerate(POOLS):
+            seed_k = seed * 1000 + k * 10 + ("pyqa", "pysum", "pycode").index(task)
+            if task == "pyqa":
+                gen = make_pyqa(funcs[pool], sizes[pool], seed_k, pool)
+            elif task == "pysum":
+                gen = make_pysum(funcs[pool], sizes[pool], seed_k, pool)
+            else:
+                gen = make_pycode(by_pool[pool], sizes[pool], seed_k, pool)
+            rows, origins = zip(*gen)
+            if len(rows) < sizes[pool]:
+                raise SystemExit(f"{task}/{pool}: only {len(rows)} examples available")
+            name = "train.jsonl.gz" if pool == "train" else f"{pool}.jsonl"
+            write_jsonl(assets / "tasks" / task / name, list(rows), quiet=True, ensure_ascii=False)
+            prov += [{"_id": r["_id"], "sources": o} for r, o in zip(rows, origins)]
+            print(f"{task}/{pool}: {len(rows)} examples")
+        write_jsonl(assets / "tasks" / task / "provenance.jsonl", prov, quiet=True, ensure_ascii=False)
+        meta = provenance() | {"generator": "scripts/make_tasks.py", "args": args, "revision": REVISIONS[task],
+                               "pools": "sha256(stdlib relative path) % 100: <8 profile, <30 test, else train"}
+        write_json(assets / "tasks" / task / "SOURCES.json", meta, indent=2, quiet=True)
+
+    text = pretraining_text(sources)
+    write_text(assets / "corpus" / "pretrain.txt.gz", text, quiet=True)
+    write_json(assets / "corpus" / "SOURCES.json",
+               provenance() | {"what": "train-pool stdlib modules, concatenated", "chars": len(text)}, indent=2, quiet=True)
+    print(f"pretraining corpus: {len(text) / 1e6:.1f} M chars")

@@ -7,7 +7,8 @@ a result file of one looks like that of another:
 - ``command_line``: the command as it was typed (``python scripts/...``), as results record it;
 - ``bench_environment``: ``runner.environment``'s versions and commit, plus the command, the local
   time, the CPU model and the load average at the start (``loadavg_end`` is added at the end);
-- ``write_json`` / ``write_csv`` / ``write_jsonl``: parents created, the path said on stdout.
+- ``write_json`` / ``write_csv`` / ``write_jsonl`` / ``write_text``: parents created, the path said on
+  stdout (``quiet`` to not), ``.gz`` written reproducibly.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-
-from ds_study import runner
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -40,6 +39,8 @@ def cpu_model() -> str:
 
 def bench_environment() -> dict:
     """Where a CPU benchmark ran: the record of results/engine/*.json ``environment``."""
+    from ds_study import runner  # torch and the model stack: only where an environment is recorded
+
     env = runner.environment("cpu")
     return {"command": command_line(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "git_commit": env["git_commit"] or "", "torch": env["torch"], "transformers": env["transformers"],
@@ -49,8 +50,10 @@ def bench_environment() -> dict:
 
 def shown(path: Path) -> Path:
     """A path as printed: relative to the checkout where it lies inside it."""
+    from ds_study.runner import REPO_ROOT
+
     path = Path(path).resolve()
-    return path.relative_to(runner.REPO_ROOT) if path.is_relative_to(runner.REPO_ROOT) else path
+    return path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
 
 
 def _written(path: Path, quiet: bool) -> Path:
@@ -78,14 +81,18 @@ def write_csv(path: Path, rows: list[dict], quiet: bool = False) -> Path:
     return _written(path, quiet)
 
 
-def write_jsonl(path: Path, rows: list[dict], quiet: bool = False, ensure_ascii: bool = True) -> Path:
-    """One JSON object a line; a ``.gz`` path is gzipped with mtime 0, so a rerun is byte-identical."""
+def write_text(path: Path, text: str, quiet: bool = False) -> Path:
+    """``text`` to ``path``; a ``.gz`` path is gzipped with mtime 0, so a rerun is byte-identical."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in rows)
     if path.suffix == ".gz":
         with gzip.GzipFile(path, "wb", mtime=0) as f:
             f.write(text.encode())
     else:
         path.write_text(text)
     return _written(path, quiet)
+
+
+def write_jsonl(path: Path, rows: list[dict], quiet: bool = False, ensure_ascii: bool = True) -> Path:
+    """One JSON object a line (gzipped for a ``.gz`` path, as ``write_text``)."""
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in rows), quiet)
