@@ -50,11 +50,8 @@ def fmt(ci: tuple[float, float, float], scale: float = 100.0, digits: int = 1, s
 
 
 def _config(name: str, split: str, limit: int | None, cells_root: str):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(runner.CONF_DIR), version_base="1.3"):
-        return compose("evaluate", overrides=[f"model_pair={name}", f"split={split}", f"cells_root={cells_root}"]
-                       + ([f"limit={limit}"] if limit else []))
+    return runner.compose("evaluate", [f"model_pair={name}", f"split={split}", f"cells_root={cells_root}"]
+                          + ([f"limit={limit}"] if limit else []))
 
 
 def evaluate_pair(name: str, split: str, limit: int | None, batch_size: int, cells_root: str) -> dict:

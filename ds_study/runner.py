@@ -125,6 +125,15 @@ def workers_of(cfg: DictConfig) -> int:
         raise ValueError(f"workers must be a positive integer or 'auto', got {w!r}") from None
 
 
+def compose(config_name: str, overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
+    """A config as its command line would make it (``python -m ds_study.<config_name> OVERRIDES``),
+    for callers that are not Hydra apps (benchmarks, the pair table)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        return hydra_compose(config_name, overrides=list(overrides))
+
+
 def load_pair_from(cfg: DictConfig) -> ModelPair:
     threads = cfg.get("threads") or (1 if workers_of(cfg) > 1 else None)  # workers share the cores
     if threads:
