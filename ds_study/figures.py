@@ -161,7 +161,7 @@ def fig_sensitivity(files: list[Path], out: Path, formats) -> list[Path]:
         s, crit = m["layer_scores"], set(m["critical_layers"])
         ax.bar(range(len(s)), s, color=["C3" if i in crit else "C7" for i in range(len(s))])
         ax.axhline(m["full_prefill"], ls="--", color="k", lw=1, label="receiver (full prefill)")
-        from ds_study.search import threshold
+        from ds_study.frontier import threshold
 
         ax.axhline(threshold(m["full_prefill"], m["critical_threshold"], m["critical_mode"]), ls=":", color="C3",
                    lw=1, label=f"critical: > {m['critical_threshold']:g} {m['critical_mode']} drop")

@@ -17,134 +17,16 @@ appends it to the pair's cell file at once, so every search here resumes after a
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ds_study.plans import Plan, groups_plan, layer_runs, parse_plan
-
-# --------------------------------------------------------------------------------------------
-# Plans and scored points
-
-
-def candidate_groups(n_layers: int, g: int = 1) -> list[tuple[int, int]]:
-    """Every contiguous group at granularity g, start-major: [0, g-1], [0, 2g-1], ..., [g, 2g-1], ..."""
-    if g < 1:
-        raise ValueError(f"granularity must be >= 1, got {g}")
-    out = []
-    for a in range(0, n_layers, g):
-        for end in range(a + g, n_layers + g, g):
-            out.append((a, min(end, n_layers) - 1))
-    return out
-
-
-def plan_of(groups: Sequence[tuple[int, int]], n_layers: int) -> Plan:
-    """The canonical plan for a set of groups: full reuse and full prefill keep their baseline names,
-    so their cells are shared with the quality study and the profile job."""
-    groups = sorted(tuple(g) for g in groups)
-    if not groups:
-        return parse_plan("full_reuse", n_layers)
-    if groups == [(0, n_layers - 1)]:
-        return parse_plan("full_prefill", n_layers)
-    return groups_plan(groups, n_layers)
-
-
-def n_exhaustive(n_layers: int, g: int) -> int:
-    """Plans exhaustive profiling evaluates: all groups plus full reuse (full prefill is the group [0, L-1])."""
-    m = math.ceil(n_layers / g)
-    return m * (m + 1) // 2 + 1
-
-
-@dataclass(frozen=True)
-class Point:
-    """One plan scored on the whole profiling split."""
-
-    plan: str
-    groups: tuple[tuple[int, int], ...]
-    score: float
-
-    @property
-    def k(self) -> int:
-        return sum(b - a + 1 for a, b in self.groups)
-
-    @property
-    def transitions(self) -> int:
-        """Reuse -> recompute switches, each needing the sender's E (a group at layer 0 needs none)."""
-        return sum(1 for a, _ in self.groups if a > 0)
-
-    def tie_key(self) -> tuple:
-        """Sort key: higher score first, then fewer transitions, then the earlier group."""
-        return (-self.score, self.transitions, self.groups[0][0] if self.groups else -1, self.plan)
-
-    def row(self) -> dict:
-        return {"plan": self.plan, "groups": groups_str(self.groups), "k": self.k,
-                "transitions": self.transitions, "score": self.score}
-
-
-def groups_str(groups) -> str:
-    return ",".join(f"{a}-{b}" for a, b in groups) or "none"
-
-
-def parse_groups(s: str) -> tuple[tuple[int, int], ...]:
-    if not s or s == "none":
-        return ()
-    return tuple(tuple(int(x) for x in part.split("-")) for part in s.split(","))
-
-
-def frontier(points: Sequence[Point], n_layers: int) -> list[Point | None]:
-    """frontier[k]: the best point with exactly k recomputed layers (None if none was scored)."""
-    best: list[Point | None] = [None] * (n_layers + 1)
-    for p in points:
-        if best[p.k] is None or p.tie_key() < best[p.k].tie_key():
-            best[p.k] = p
-    return best
-
-
-def budget_frontier(front: Sequence[Point | None]) -> list[Point | None]:
-    """best[k]: the best point with *at most* k recomputed layers, i.e. the Pareto frontier read at a
-    recompute budget (a point is dominated by one that recomputes no more and scores no less)."""
-    out, cur = [], None
-    for p in front:
-        if p is not None and (cur is None or p.score > cur.score):
-            cur = p
-        out.append(cur)
-    return out
-
-
-def threshold(base: float, delta: float, mode: str = "relative") -> float:
-    if mode == "relative":
-        return (1 - delta) * base
-    if mode == "absolute":
-        return base - 100 * delta  # quality is on a 0-100 scale
-    raise ValueError(f"delta mode must be 'relative' or 'absolute', got {mode!r}")
-
-
-def select(front: Sequence[Point | None], base: float, delta: float, mode: str = "relative") -> Point | None:
-    """The fewest recomputed layers whose frontier quality is within delta of full prefill."""
-    t = threshold(base, delta, mode) - 1e-9  # scores are rounded to 0.01; don't lose ties to float noise
-    for p in front:
-        if p is not None and p.score >= t:
-            return p
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Single-layer sensitivity (paper Fig. 7): critical layers
-
-
-def sensitivity_plans(n_layers: int) -> list[Plan]:
-    """Receiver computes everything itself but reads the sender's KV at one layer."""
-    return [parse_plan(f"reuse_only:{i}", n_layers) for i in range(n_layers)]
-
-
-def critical_layers(layer_scores: Sequence[float], base: float, threshold_: float = 0.10,
-                    mode: str = "relative") -> list[int]:
-    """Layers whose single-layer reuse drops quality by more than the threshold (default: 10% relative)."""
-    cut = threshold(base, threshold_, mode)
-    return [i for i, s in enumerate(layer_scores) if s < cut - 1e-9]
-
+from ds_study.frontier import (Point, budget_frontier, candidate_groups, comparison, critical_layers, frontier,
+                               frontier_rows, groups_str, n_exhaustive, plan_of, ranking_reliability, selections,
+                               sensitivity_plans)
+from ds_study import search_report as report
+from ds_study.plans import Plan, layer_runs, parse_plan
 
 # --------------------------------------------------------------------------------------------
 # Greedy search
@@ -302,32 +184,6 @@ def exhaustive(ev, examples, n_layers: int, granularities: Sequence[int], target
     return {g: [Point(plans[gr].name, gr, scores[gr]) for gr in grids[g]] for g in granularities}
 
 
-def frontier_rows(front, budget) -> list[dict]:
-    out = []
-    for k, (p, b) in enumerate(zip(front, budget)):
-        out.append({"k": k, "plan": p.plan if p else None, "groups": groups_str(p.groups) if p else None,
-                    "transitions": p.transitions if p else None, "score": p.score if p else None,
-                    "budget_plan": b.plan if b else None, "budget_score": b.score if b else None})
-    return out
-
-
-def selections(front, base: float, deltas: Sequence[float], mode: str) -> list[dict]:
-    out = []
-    for d in deltas:
-        p = select(front, base, d, mode)
-        out.append({"delta": d, "mode": mode, "threshold": round(threshold(base, d, mode), 4),
-                    "plan": p.plan if p else None, "groups": groups_str(p.groups) if p else None,
-                    "k": p.k if p else None, "score": p.score if p else None})
-    return out
-
-
-def comparison(exh: list[Point], gre: list[Point], n_layers: int) -> list[dict]:
-    """Per recompute budget k: the best plan with at most k recomputed layers, exhaustive vs greedy."""
-    eb, gb = budget_frontier(frontier(exh, n_layers)), budget_frontier(frontier(gre, n_layers))
-    return [{"k": k, "exhaustive_plan": e.plan, "exhaustive": e.score, "greedy_plan": g.plan, "greedy": g.score,
-             "diff": round(g.score - e.score, 2)} for k, (e, g) in enumerate(zip(eb, gb))]
-
-
 def paired_se(ev, plan_a: str, plan_b: str, examples, target: str = "task") -> float:
     """Standard error (quality points) of the mean per-example difference between two scored plans:
     how far apart two profiled qualities can be by the choice of examples alone."""
@@ -340,37 +196,6 @@ def paired_se(ev, plan_a: str, plan_b: str, examples, target: str = "task") -> f
     mean = sum(d) / len(d)
     var = sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1)
     return round(math.sqrt(var / len(d)), 2)
-
-
-def ranking_reliability(scores: dict[str, Sequence[float]], n_splits: int = 200, seed: int = 0) -> dict:
-    """Whether the profiling split can rank these plans at all: split the examples into random
-    halves, rank the plans by their mean score on each half, and correlate the two rankings
-    (Spearman). Near 1: the ranking is a property of the plans. Near 0: it is a property of which
-    examples were drawn, so the best profiled plan is a noise maximum (the winner's curse) and no
-    search with fewer evaluations can be expected to match it. ``scores[plan]``: per-example scores,
-    the same examples in the same order for every plan. Costs no evaluation (reuses the cells)."""
-    import random
-
-    import pandas as pd
-
-    df = pd.DataFrame({name: list(v) for name, v in scores.items()})
-    if df.shape[1] < 3 or df.shape[0] < 4:
-        raise ValueError("ranking reliability needs at least 3 plans scored on at least 4 examples")
-    rng, rows, rhos = random.Random(seed), list(range(df.shape[0])), []
-    for _ in range(n_splits):
-        rng.shuffle(rows)
-        half_a = df.iloc[rows[: len(rows) // 2]].mean().rank()
-        half_b = df.iloc[rows[len(rows) // 2:]].mean().rank()
-        rho = half_a.corr(half_b)  # Pearson on ranks: Spearman (NaN if a half ties every plan)
-        if not math.isnan(rho):
-            rhos.append(float(rho))
-    out = {"n_plans": df.shape[1], "n_examples": df.shape[0], "n_splits": n_splits, "n_defined": len(rhos),
-           "seed": seed}
-    if not rhos:  # e.g. every plan scores 0 everywhere: nothing to rank
-        return {**out, "spearman_median": None, "spearman_p05": None, "spearman_p95": None}
-    rhos.sort()
-    return {**out, "spearman_median": round(rhos[len(rhos) // 2], 3),
-            "spearman_p05": round(rhos[int(0.05 * len(rhos))], 3), "spearman_p95": round(rhos[int(0.95 * len(rhos))], 3)}
 
 
 def reliabilities(ev, points: Sequence[Point], examples) -> dict | None:
@@ -413,58 +238,6 @@ def holdout_check(cfg, pair, task, table: list[dict], points: dict, n_layers: in
             r["exhaustive_holdout_task"] = quality(rows[plans[e].name])
             r["greedy_holdout_task"] = quality(rows[plans[g].name])
     return {"split": sc.holdout_split, "n_examples": len(examples), "plans": len(plans)}
-
-
-def write_comparison_md(out_root: Path) -> Path:
-    """Gather every greedy_vs_exhaustive_<pair>_<dataset>.csv into one markdown table."""
-    import pandas as pd
-
-    lines = ["# Greedy vs exhaustive profiling", "",
-             "Best quality with at most k recomputed layers on each pair's 50-example profiling split; "
-             "`diff` = greedy - exhaustive (quality points); `SE` = standard error of that difference "
-             "over the examples (paired), i.e. how large a gap the choice of 50 examples alone produces. "
-             "Held-out columns score the same plans on examples neither search saw (`search.holdout_split`). "
-             "Evaluations count distinct plans, each scored on every profiling example. "
-             "Ranking reliability: the Spearman correlation between the plans' rankings on two random halves "
-             "of the profiling examples (median and 5th-95th percentile over 200 splits, all exhaustive plans); "
-             "near 0, the profiled ranking is noise and the exhaustive frontier a noise maximum.", ""]
-    for csv in sorted(Path(out_root).glob("greedy_vs_exhaustive_*.csv")):
-        meta = json.loads(csv.with_suffix(".json").read_text()) if csv.with_suffix(".json").exists() else {}
-        df = pd.read_csv(csv)
-        lines += [f"## {meta.get('pair', csv.stem)} ({meta.get('sender', '?')} -> {meta.get('receiver', '?')}, "
-                  f"{meta.get('dataset', '?')}, {meta.get('metric', '')})", "",
-                  f"Evaluations: greedy {meta.get('greedy_evaluations')} vs exhaustive "
-                  f"{meta.get('exhaustive_evaluations')} ({meta.get('evaluation_ratio', float('nan')):.0%}); "
-                  f"largest shortfall {meta.get('max_shortfall')} points"
-                  + (f" on the profiling split, {meta['max_shortfall_holdout']} on {meta['holdout']['n_examples']} "
-                     f"held-out `{meta['holdout']['split']}` examples" if "holdout" in meta else "")
-                  + (". Ranking reliability {spearman_median:.2f} [{spearman_p05:.2f}, {spearman_p95:.2f}]".format(
-                      **meta["ranking_reliability"])
-                     if (meta.get("ranking_reliability") or {}).get("spearman_median") is not None
-                     else ". Ranking reliability undefined (every plan scores the same)" if meta.get("ranking_reliability")
-                     else "")
-                  + f". Command: `{meta.get('command', '')}`", ""]
-        held = "diff_holdout" in df.columns
-        lines += ["| k | exhaustive plan | exhaustive | greedy plan | greedy | diff | SE |"
-                  + (" held-out exh. | held-out greedy | held-out diff | SE |" if held else ""),
-                  "|---|---|---|---|---|---|---|" + ("---|---|---|---|" if held else "")]
-        for r in df.itertuples():
-            lines.append(f"| {r.k} | {r.exhaustive_plan} | {r.exhaustive:.2f} | {r.greedy_plan} | {r.greedy:.2f} | "
-                         f"{r.diff:+.2f} | {getattr(r, 'se', float('nan')):.2f} |"
-                         + (f" {r.exhaustive_holdout:.2f} | {r.greedy_holdout:.2f} | {r.diff_holdout:+.2f} | "
-                            f"{r.se_holdout:.2f} |" if held else ""))
-        lines.append("")
-    path = Path(out_root) / "greedy_vs_exhaustive.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
-def print_frontier(front, budget, title: str) -> None:
-    print(f"\n{title}")
-    print(f"  {'k':>3}  {'best plan with k layers':<26}{'score':>8}  {'best with <= k':<26}{'score':>8}")
-    for k, (p, b) in enumerate(zip(front, budget)):
-        ps = f"{p.plan:<26}{p.score:>8.2f}" if p else f"{'-':<26}{'':>8}"
-        print(f"  {k:>3}  {ps}  {b.plan if b else '-':<26}{b.score if b else float('nan'):>8.2f}")
 
 
 PRIORS = ("v_dev", "attn", "kv", "k_dev", "e_dev")  # layer_prior's columns
@@ -564,15 +337,11 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
     published pair to ``<publish_root>/greedy_vs_exhaustive.md``."""
     import sys
 
-    import pandas as pd
-
-    from ds_study import deviation, metrics, runner
-    from ds_study.metrics import example_value
+    from ds_study import metrics, runner
 
     sc, L = cfg.search, pair.n_layers
     check_config(sc, L, cfg.split)
-    grans, deltas = [int(x) for x in as_list(sc.granularity)], [float(d) for d in as_list(sc.deltas)]
-    out = root = Path(run)
+    deltas = [float(d) for d in as_list(sc.deltas)]
     target = str(sc.get("target") or "task")
     label = metrics.get_metric(task.metric).label if target == "task" else f"exp(-{target.upper()})"
     n0 = ev.n_run
@@ -582,120 +351,120 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
                     "command": " ".join(["python -m ds_study.profile", *sys.argv[1:]]),
                     "models": pair.identities(),
                     "base": base, "metric": task.metric, "metric_label": label, "n_examples": len(examples),
-                    "n_layers": L,
-                    "delta_mode": sc.delta_mode, "deltas": deltas, "method": sc.method, "target": target}
-
+                    "n_layers": L, "delta_mode": sc.delta_mode, "deltas": deltas, "method": sc.method, "target": target}
     if sc.sensitivity:
-        rows = evaluate(ev, sensitivity_plans(L), examples, "sensitivity")
-        layer_scores = [quality(rows[p.name], target) for p in sensitivity_plans(L)]
-        crit = critical_layers(layer_scores, base, sc.critical_threshold, sc.critical_mode)
-        result["sensitivity"] = {"layer_scores": layer_scores, "critical_layers": crit,
-                                 "critical_threshold": sc.critical_threshold, "critical_mode": sc.critical_mode}
-
+        result["sensitivity"] = sensitivity_section(ev, examples, L, base, sc, target)
     exh = {}
     if sc.method in ("exhaustive", "both"):
-        exh = exhaustive(ev, examples, L, grans, target)
-        result["exhaustive"] = {}
+        exh, result["exhaustive"] = exhaustive_section(ev, examples, L, base, sc, target, run)
         for g, pts in exh.items():
-            front = frontier(pts, L)
-            budget = budget_frontier(front)
-            pd.DataFrame([p.row() for p in pts]).to_csv(out / f"points_g{g}.csv", index=False)
-            pd.DataFrame(frontier_rows(front, budget)).to_csv(out / f"frontier_g{g}.csv", index=False)
-            sel = selections(front, base, deltas, sc.delta_mode)
-            result["exhaustive"][g] = {"evaluations": n_exhaustive(L, g), "frontier": frontier_rows(front, budget),
-                                       "selected": sel, "reliability": reliabilities(ev, pts, examples)}
-            print_frontier(front, budget, f"frontier, exhaustive g={g} ({n_exhaustive(L, g)} plans x "
-                                          f"{len(examples)} examples; full prefill {base:.2f} {label})")
-            rel = result["exhaustive"][g]["reliability"]
-            if rel:
-                print("  plan-ranking reliability (split-half Spearman, median [5%, 95%]) by target: " + "; ".join(
-                    f"{t} " + ("undefined" if r["spearman_median"] is None else
-                               f"{r['spearman_median']:.2f} [{r['spearman_p05']:.2f}, {r['spearman_p95']:.2f}]")
-                    for t, r in rel.items()))
-
+            report.print_exhaustive(result["exhaustive"][g], g, L, len(examples), base, label)
     gre = None
     if sc.method in ("greedy", "both"):
-        dev_csv = run / "deviation.csv"
-        if not dev_csv.exists():
-            per_ex = []
-            for ex in examples:
-                s_cache, r_cache = ev.caches(ex, need_receiver=True)
-                per_ex += [{"id": ex.id, **r} for r in deviation.layer_deviation(pair.receiver, r_cache, s_cache)]
-            deviation.summarize(per_ex).to_csv(dev_csv, index=False)
-        prior = layer_prior(dev_csv, sc.prior)
-        gg = int(sc.greedy_granularity)
-        auto = str(sc.greedy_width) == "auto"
-        width = 2 if auto else int(sc.greedy_width)
-        budget = greedy_budget(L, gg, float(sc.max_fraction)) if auto else None
-        gre = greedy(L, gg, scorer(ev, examples, L, "greedy", target), prior, width=width, budget=budget,
-                     max_groups=int(sc.max_groups), new_group_margin=float(sc.new_group_margin))
-        gfront = frontier(gre.points, L)
-        gbudget = budget_frontier(gfront)
-        pd.DataFrame([{"step": i, **p.row()} for i, p in enumerate(gre.points)]).to_csv(out / "greedy.csv", index=False)
-        result["greedy"] = {"evaluations": gre.evaluations, "prior": sc.prior, "prior_values": prior,
-                            "width": width, "budget": budget, "max_groups": int(sc.max_groups), "log": gre.log,
-                            "points": [p.row() for p in gre.points],
-                            "selected": selections(gbudget, base, deltas, sc.delta_mode)}
-
+        gre, result["greedy"] = greedy_section(ev, pair, examples, L, base, sc, target, run)
     if exh and gre is not None:
-        g = int(sc.greedy_granularity)
-        pts = exh[g] if g in exh else exhaustive(ev, examples, L, [g], target)[g]
-        table = comparison(pts, gre.points, L)
-        for r in table:
-            r["se"] = paired_se(ev, r["exhaustive_plan"], r["greedy_plan"], examples, target)
-        n_ex = n_exhaustive(L, g)
-        reliability = ranking_reliability({p.plan: [example_value(ev.store.get(p.plan, ex.id), target) for ex in examples]
-                                           for p in pts}) if len(examples) >= 4 and len(pts) >= 3 else None
-        holdout = None
-        if sc.get("holdout_split"):
-            holdout = holdout_check(cfg, pair, task, table, {p.plan: p for p in [*pts, *gre.points]}, L)
-        meta = {"pair": cfg.model_pair.name, "receiver": pair.receiver_id["name"], "sender": pair.sender_id["name"],
-                "dataset": task.name, "split": cfg.split, "metric": label, "granularity": g,
-                "greedy_evaluations": gre.evaluations, "exhaustive_evaluations": n_ex,
-                "evaluation_ratio": gre.evaluations / n_ex,
-                "max_shortfall": round(max(0.0, -min(r["diff"] for r in table)), 2),
-                "ranking_reliability": reliability, "command": result["command"]}
-        if holdout is not None:
-            meta["holdout"] = holdout
-            meta["max_shortfall_holdout"] = round(max(0.0, -min(r["diff_holdout"] for r in table)), 2)
-        stem = f"greedy_vs_exhaustive_{cfg.model_pair.name}_{task.name}"  # one table per pair and dataset
-        pd.DataFrame(table).to_csv(root / f"{stem}.csv", index=False)
-        runner.write_json(root / f"{stem}.json", meta)
-        md = write_comparison_md(root)
-        result["comparison"] = {**meta, "table": table, "markdown": str(md)}
-        print(f"\ngreedy vs exhaustive (g={g}): {gre.evaluations} vs {n_ex} plans evaluated "
-              f"({meta['evaluation_ratio']:.0%}); largest shortfall {meta['max_shortfall']} points"
-              + ("" if reliability is None or reliability["spearman_median"] is None
-                 else f"; plan-ranking reliability (split-half Spearman) "
-                 f"{reliability['spearman_median']:.2f} [{reliability['spearman_p05']:.2f}, "
-                 f"{reliability['spearman_p95']:.2f}]"))
-        print(f"  {'k':>3}  {'exhaustive':<24}{'score':>8}  {'greedy':<24}{'score':>8}{'diff':>8}{'SE':>7}")
-        for r in table:
-            print(f"  {r['k']:>3}  {r['exhaustive_plan']:<24}{r['exhaustive']:>8.2f}  {r['greedy_plan']:<24}"
-                  f"{r['greedy']:>8.2f}{r['diff']:>+8.2f}{r['se']:>7.2f}"
-                  + (f"   held-out {r['exhaustive_holdout']:.2f} vs {r['greedy_holdout']:.2f} "
-                     f"({r['diff_holdout']:+.2f} +- {r['se_holdout']:.2f})" if holdout else ""))
-
+        result["comparison"] = comparison_section(cfg, pair, task, ev, examples, exh, gre, label, result["command"], run)
+        report.print_comparison(result["comparison"])
     result["cells_computed"] = ev.n_run - n0
-    print(f"\nselected recompute plans ({sc.delta_mode} delta, full prefill {base:.2f} {label}):")
-    for method in ("exhaustive", "greedy"):
-        if method not in result:
-            continue
-        sels = (result[method][min(result[method])]["selected"] if method == "exhaustive"
-                else result[method]["selected"])
-        src = f"exhaustive g={min(result[method])}" if method == "exhaustive" else "greedy"
-        for s in sels:
-            print(f"  {src:<15} delta {s['delta']:g}: {s['plan']} ({s['k']} layers recomputed, {s['score']} "
-                  f">= {s['threshold']})")
-    if "sensitivity" in result:
-        sens = result["sensitivity"]
-        print(f"\ncritical layers (single-layer reuse drops {label} by more than {sc.critical_threshold:g} "
-              f"{sc.critical_mode}): {sens['critical_layers']}")
-        print("  per-layer " + label + ": " + " ".join(f"{i}:{s:.1f}" for i, s in enumerate(sens["layer_scores"])))
+    report.print_selections(result, sc, base, label)
     runner.write_json(run / "search.json", result)
     if sc.get("publish"):
         publish(cfg, task, run, result, exh, gre)
     return result
+
+
+def sensitivity_section(ev, examples, L: int, base: float, sc, target: str) -> dict:
+    """Single-layer reuse of every layer (paper Fig. 7) and the critical layers."""
+    plans = sensitivity_plans(L)
+    rows = evaluate(ev, plans, examples, "sensitivity")
+    layer_scores = [quality(rows[p.name], target) for p in plans]
+    return {"layer_scores": layer_scores,
+            "critical_layers": critical_layers(layer_scores, base, sc.critical_threshold, sc.critical_mode),
+            "critical_threshold": sc.critical_threshold, "critical_mode": sc.critical_mode}
+
+
+def exhaustive_section(ev, examples, L: int, base: float, sc, target: str, out: Path) -> tuple[dict, dict]:
+    """Every contiguous group at each granularity: points and frontier CSVs in ``out``, and per
+    granularity the frontier, the selected plans and the plan-ranking reliability."""
+    import pandas as pd
+
+    exh = exhaustive(ev, examples, L, [int(x) for x in as_list(sc.granularity)], target)
+    summary = {}
+    for g, pts in exh.items():
+        front = frontier(pts, L)
+        budget = budget_frontier(front)
+        pd.DataFrame([p.row() for p in pts]).to_csv(out / f"points_g{g}.csv", index=False)
+        pd.DataFrame(frontier_rows(front, budget)).to_csv(out / f"frontier_g{g}.csv", index=False)
+        summary[g] = {"evaluations": n_exhaustive(L, g), "frontier": frontier_rows(front, budget),
+                      "selected": selections(front, base, [float(d) for d in as_list(sc.deltas)], sc.delta_mode),
+                      "reliability": reliabilities(ev, pts, examples)}
+    return exh, summary
+
+
+def greedy_section(ev, pair, examples, L: int, base: float, sc, target: str, run: Path) -> tuple:
+    """The greedy walk, guided by a per-layer deviation prior (measured here into ``run`` if the
+    profile has not written it yet); greedy.csv in ``run``."""
+    import pandas as pd
+
+    from ds_study import deviation
+
+    dev_csv = run / "deviation.csv"
+    if not dev_csv.exists():
+        per_ex = []
+        for ex in examples:
+            s_cache, r_cache = ev.caches(ex, need_receiver=True)
+            per_ex += [{"id": ex.id, **r} for r in deviation.layer_deviation(pair.receiver, r_cache, s_cache)]
+        deviation.summarize(per_ex).to_csv(dev_csv, index=False)
+    prior = layer_prior(dev_csv, sc.prior)
+    gg = int(sc.greedy_granularity)
+    auto = str(sc.greedy_width) == "auto"
+    width = 2 if auto else int(sc.greedy_width)
+    budget = greedy_budget(L, gg, float(sc.max_fraction)) if auto else None
+    gre = greedy(L, gg, scorer(ev, examples, L, "greedy", target), prior, width=width, budget=budget,
+                 max_groups=int(sc.max_groups), new_group_margin=float(sc.new_group_margin))
+    pd.DataFrame([{"step": i, **p.row()} for i, p in enumerate(gre.points)]).to_csv(run / "greedy.csv", index=False)
+    gbudget = budget_frontier(frontier(gre.points, L))
+    return gre, {"evaluations": gre.evaluations, "prior": sc.prior, "prior_values": prior,
+                 "width": width, "budget": budget, "max_groups": int(sc.max_groups), "log": gre.log,
+                 "points": [p.row() for p in gre.points],
+                 "selected": selections(gbudget, base, [float(d) for d in as_list(sc.deltas)], sc.delta_mode)}
+
+
+def comparison_section(cfg, pair, task, ev, examples, exh: dict, gre, label: str, command: str, root: Path) -> dict:
+    """Greedy against the exhaustive frontier at every recompute budget, with the paired SE of each
+    gap, the plan-ranking reliability and (``search.holdout_split``) the same plans held out; the
+    table and its metadata go to ``root`` as greedy_vs_exhaustive_<pair>_<dataset>.{csv,json,md}."""
+    import pandas as pd
+
+    from ds_study import runner
+    from ds_study.metrics import example_value
+
+    sc, L = cfg.search, pair.n_layers
+    target = str(sc.get("target") or "task")
+    g = int(sc.greedy_granularity)
+    pts = exh[g] if g in exh else exhaustive(ev, examples, L, [g], target)[g]
+    table = comparison(pts, gre.points, L)
+    for r in table:
+        r["se"] = paired_se(ev, r["exhaustive_plan"], r["greedy_plan"], examples, target)
+    n_ex = n_exhaustive(L, g)
+    reliability = ranking_reliability({p.plan: [example_value(ev.store.get(p.plan, ex.id), target) for ex in examples]
+                                       for p in pts}) if len(examples) >= 4 and len(pts) >= 3 else None
+    holdout = None
+    if sc.get("holdout_split"):
+        holdout = holdout_check(cfg, pair, task, table, {p.plan: p for p in [*pts, *gre.points]}, L)
+    meta = {"pair": cfg.model_pair.name, "receiver": pair.receiver_id["name"], "sender": pair.sender_id["name"],
+            "dataset": task.name, "split": cfg.split, "metric": label, "granularity": g,
+            "greedy_evaluations": gre.evaluations, "exhaustive_evaluations": n_ex,
+            "evaluation_ratio": gre.evaluations / n_ex,
+            "max_shortfall": round(max(0.0, -min(r["diff"] for r in table)), 2),
+            "ranking_reliability": reliability, "command": command}
+    if holdout is not None:
+        meta["holdout"] = holdout
+        meta["max_shortfall_holdout"] = round(max(0.0, -min(r["diff_holdout"] for r in table)), 2)
+    stem = f"greedy_vs_exhaustive_{cfg.model_pair.name}_{task.name}"  # one table per pair and dataset
+    pd.DataFrame(table).to_csv(root / f"{stem}.csv", index=False)
+    runner.write_json(root / f"{stem}.json", meta)
+    return {**meta, "table": table, "markdown": str(report.write_comparison_md(root))}
 
 
 def publish(cfg, task, run: Path, result: dict, exh: dict, gre) -> Path:
@@ -720,7 +489,7 @@ def publish(cfg, task, run: Path, result: dict, exh: dict, gre) -> Path:
         stem = f"greedy_vs_exhaustive_{cfg.model_pair.name}_{task.name}"
         for ext in (".csv", ".json"):
             shutil.copyfile(run / f"{stem}{ext}", root / f"{stem}{ext}")
-        md = write_comparison_md(root)
+        md = report.write_comparison_md(root)
         result = {**result, "comparison": {**result["comparison"], "markdown": str(md)}}
     runner.write_json(out / "search.json", portable(result, runner.REPO_ROOT))
     print(f"published the search to {out}")

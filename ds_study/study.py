@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from ds_study import metrics, runner, search
+from ds_study import frontier, metrics, runner, search
 from ds_study.cli import hydra_main
 from ds_study.plans import layer_runs, parse_plan
 
@@ -143,10 +143,10 @@ class Study:
         sc = self.cfg.study.sensitivity
         task, examples, ev = self.context(dataset)
         base, base_by_id = self.base(dataset)
-        plans = search.sensitivity_plans(self.L)
+        plans = frontier.sensitivity_plans(self.L)
         rows = search.evaluate(ev, plans, examples, f"sensitivity {dataset}")
         layer_scores = [search.quality(rows[p.name]) for p in plans]
-        crit = search.critical_layers(layer_scores, base, sc.critical_threshold, sc.critical_mode)
+        crit = frontier.critical_layers(layer_scores, base, sc.critical_threshold, sc.critical_mode)
         per_ex = pd.DataFrame([{"layer": i, "id": r["id"], "score": 100 * r["score"],
                                 "full_prefill": 100 * base_by_id[r["id"]],
                                 "change": 100 * (r["score"] - base_by_id[r["id"]])}
@@ -170,11 +170,11 @@ class Study:
             fp = search.quality(self.base_rows(dataset), t)
             scores = [search.quality(rows[p.name], t) for p in plans]
             by_target[t] = {"full_prefill": fp, "layer_scores": scores,
-                            "critical_layers": search.critical_layers(scores, fp, sc.critical_threshold,
+                            "critical_layers": frontier.critical_layers(scores, fp, sc.critical_threshold,
                                                                       sc.critical_mode)}
         res["by_target"] = by_target
         if len(examples) >= 4:  # Fig. 8's claim as a number: can one half of the inputs rank the layers as the other?
-            res["stability"] = {t: search.ranking_reliability(
+            res["stability"] = {t: frontier.ranking_reliability(
                 {p.name: [metrics.example_value(r, t) for r in rows[p.name]] for p in plans}) for t in metrics.TARGETS}
         res["prediction"] = self.label_free(dataset, by_target)
         runner.write_json(self.out(dataset, "sensitivity.json"), res)
@@ -196,13 +196,13 @@ class Study:
         sens = self.sensitivity(dataset, verbose=False)
         layers = critical_groups_layers(sens["layer_scores"], sens["critical_layers"], pc.top_k)
         chain = merge_chain(layer_runs(layers))
-        plans = [parse_plan("full_reuse", self.L)] + [search.plan_of(gr, self.L) for gr in chain]
+        plans = [parse_plan("full_reuse", self.L)] + [frontier.plan_of(gr, self.L) for gr in chain]
         rows = search.evaluate(ev, plans, examples, f"propagation {dataset}", out_err=True)
         per_ex, summary = [], []
         for p, gr in zip(plans, [()] + chain):
-            pt = search.Point(p.name, tuple(gr), 0.0)
+            pt = frontier.Point(p.name, tuple(gr), 0.0)
             errs = pd.Series([r["out_err"] for r in rows[p.name]])
-            summary.append({"plan": p.name, "groups": search.groups_str(gr), "n_groups": len(gr),
+            summary.append({"plan": p.name, "groups": frontier.groups_str(gr), "n_groups": len(gr),
                             "transitions": pt.transitions, "k": pt.k, "score": search.quality(rows[p.name]),
                             "out_err_mean": errs.mean(), "out_err_p25": errs.quantile(0.25),
                             "out_err_p50": errs.median(), "out_err_p75": errs.quantile(0.75)})
@@ -230,7 +230,7 @@ class Study:
             task, examples, ev = self.context(d)
             points[d] = {p.groups: p for p in search.exhaustive(ev, examples, self.L, [g])[g]}
             labels[d] = metrics.get_metric(task.metric).label
-        fronts = {d: search.frontier(list(points[d].values()), self.L) for d in names}
+        fronts = {d: frontier.frontier(list(points[d].values()), self.L) for d in names}
         rows = []
         for s in names:
             for t in names:

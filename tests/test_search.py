@@ -11,8 +11,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from ds_study import runner, search
-from ds_study.search import Point, budget_frontier, candidate_groups, critical_layers, frontier, select
+from ds_study import frontier, runner, search
+from ds_study.frontier import Point, budget_frontier, candidate_groups, critical_layers, select
 
 # --------------------------------------------------------------------------------------------
 # Enumeration
@@ -22,11 +22,11 @@ def test_candidate_groups():
     assert len(candidate_groups(8, 1)) == 36
     assert candidate_groups(8, 2) == [(0, 1), (0, 3), (0, 5), (0, 7), (2, 3), (2, 5), (2, 7), (4, 5), (4, 7), (6, 7)]
     assert candidate_groups(5, 2) == [(0, 1), (0, 3), (0, 4), (2, 3), (2, 4), (4, 4)]  # last group clipped
-    assert search.n_exhaustive(8, 1) == 37 and search.n_exhaustive(8, 2) == 11
-    assert search.n_exhaustive(32, 1) == 529 and search.n_exhaustive(32, 2) == 137
-    assert search.plan_of([], 8).name == "full_reuse"
-    assert search.plan_of([(0, 7)], 8).name == "full_prefill"
-    assert search.plan_of([(5, 6), (1, 2)], 8).name == "groups:1-2,5-6"
+    assert frontier.n_exhaustive(8, 1) == 37 and frontier.n_exhaustive(8, 2) == 11
+    assert frontier.n_exhaustive(32, 1) == 529 and frontier.n_exhaustive(32, 2) == 137
+    assert frontier.plan_of([], 8).name == "full_reuse"
+    assert frontier.plan_of([(0, 7)], 8).name == "full_prefill"
+    assert frontier.plan_of([(5, 6), (1, 2)], 8).name == "groups:1-2,5-6"
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,11 +39,11 @@ TABLE = {(): 10, ((0, 0),): 20, ((1, 1),): 25, ((3, 3),): 25, ((2, 2),): 5,
 
 
 def points(table=TABLE):
-    return [Point(search.plan_of(g, 4).name, g, s) for g, s in table.items()]
+    return [Point(frontier.plan_of(g, 4).name, g, s) for g, s in table.items()]
 
 
 def test_frontier_best_per_k_with_tie_breaks():
-    f = frontier(points(), 4)
+    f = frontier.frontier(points(), 4)
     # k=1: [1,1] and [3,3] tie at 25 with one transition each -> the earlier group
     # k=2: [0,1] and [2,3] tie at 30 -> [0,1] needs no E (no transition)
     assert [p.plan for p in f] == ["full_reuse", "groups:1-1", "groups:0-1", "groups:1-3", "full_prefill"]
@@ -53,24 +53,24 @@ def test_frontier_best_per_k_with_tie_breaks():
 def test_budget_frontier_is_monotone():
     t = dict(TABLE)
     t[((0, 1),)] = t[((2, 3),)] = t[((1, 2),)] = 22  # k=2 now worse than k=1
-    b = budget_frontier(frontier(points(t), 4))
+    b = budget_frontier(frontier.frontier(points(t), 4))
     assert [p.plan for p in b] == ["full_reuse", "groups:1-1", "groups:1-1", "groups:1-3", "groups:1-3"]
 
 
 def test_select_relative_and_absolute():
-    f = frontier(points(), 4)
+    f = frontier.frontier(points(), 4)
     assert select(f, 40, 0.05).plan == "groups:1-3"  # needs >= 38; k=2 has only 30
     assert select(f, 40, 0.01).plan == "groups:1-3"  # needs >= 39.6
     assert select(f, 40, 0.30).plan == "groups:0-1"  # needs >= 28
     assert select(f, 40, 0.30, "absolute") is not None and select(f, 40, 0.30, "absolute").k == 0  # 40 - 30 = 10
     assert select(f, 40, 0.11, "absolute").plan == "groups:0-1"  # needs >= 40 - 11 = 29: k=1 has 25
     with pytest.raises(ValueError):
-        search.threshold(40, 0.05, "percent")
+        frontier.threshold(40, 0.05, "percent")
 
 
 def test_select_uses_fewest_layers_not_best_score():
     t = {(): 0, ((0, 0),): 95, ((0, 1),): 99, ((0, 2),): 97, ((0, 3),): 100}
-    f = frontier(points(t), 4)
+    f = frontier.frontier(points(t), 4)
     assert select(f, 100, 0.05).k == 1 and select(f, 100, 0.01).k == 2
 
 
@@ -100,11 +100,11 @@ def test_greedy_counts_distinct_evaluations_and_beats_budget():
     w = [1, 2, 30, 25, 3, 1, 1, 1]
     calls = []
     res = search.greedy(8, 1, additive_oracle(w, calls), prior=w)
-    assert res.evaluations == len(set(calls)) == len(calls) <= search.n_exhaustive(8, 1)
+    assert res.evaluations == len(set(calls)) == len(calls) <= frontier.n_exhaustive(8, 1)
     assert res.evaluations == 9  # full reuse, full prefill, one plan for each of k = 1..7
-    exhaustive = [Point(search.plan_of(g, 8).name, g, additive_oracle(w, [])([g])[0])
+    exhaustive = [Point(frontier.plan_of(g, 8).name, g, additive_oracle(w, [])([g])[0])
                   for g in [()] + [((a, b),) for a, b in candidate_groups(8, 1)]]
-    table = search.comparison(exhaustive, res.points, 8)
+    table = frontier.comparison(exhaustive, res.points, 8)
     assert all(r["diff"] <= 0 for r in table)  # greedy can never beat the exhaustive search over its own space
     assert table[0]["greedy_plan"] == "full_reuse" and table[8]["greedy"] == 100
     # with a perfect prior on this oracle the walk [2,2] -> [2,3] -> ... finds the k=2 optimum
@@ -131,14 +131,14 @@ def test_ranking_reliability_separates_signal_from_noise():
     true_quality = [0.1 * i for i in range(10)]  # 10 plans, well separated
     signal = {f"p{i}": [q + rng.gauss(0, 0.05) for _ in range(50)] for i, q in enumerate(true_quality)}
     noise = {f"p{i}": [rng.gauss(0, 1) for _ in range(50)] for i in range(10)}  # all plans alike
-    r_signal, r_noise = search.ranking_reliability(signal), search.ranking_reliability(noise)
+    r_signal, r_noise = frontier.ranking_reliability(signal), frontier.ranking_reliability(noise)
     assert r_signal["spearman_p05"] > 0.9
     assert abs(r_noise["spearman_median"]) < 0.3 and r_noise["spearman_p05"] < 0 < r_noise["spearman_p95"]
-    assert search.ranking_reliability(noise) == r_noise  # seeded
-    flat = search.ranking_reliability({f"p{i}": [0.0] * 10 for i in range(4)})
+    assert frontier.ranking_reliability(noise) == r_noise  # seeded
+    flat = frontier.ranking_reliability({f"p{i}": [0.0] * 10 for i in range(4)})
     assert flat["spearman_median"] is None and flat["n_defined"] == 0
     with pytest.raises(ValueError, match="at least 3 plans"):
-        search.ranking_reliability({"a": [1, 2, 3, 4], "b": [1, 2, 3, 4]})
+        frontier.ranking_reliability({"a": [1, 2, 3, 4], "b": [1, 2, 3, 4]})
 
 
 def test_greedy_oracle_caches_repeated_plans():
@@ -245,14 +245,14 @@ def test_greedy_budget():
 def test_greedy_lookahead_lets_scores_override_the_prior():
     w = [5, 1, 1, 30, 2, 20, 1, 1]
     prior = [0, 0, 0, 1, 2, 1, 0, 0]  # ranks layer 4 first, but layer 3 matters most
-    exhaustive = [Point(search.plan_of(g, 8).name, g, additive_oracle(w, [])([g])[0])
+    exhaustive = [Point(frontier.plan_of(g, 8).name, g, additive_oracle(w, [])([g])[0])
                   for g in [()] + [((a, b),) for a, b in candidate_groups(8, 1)]]
     calls = []
     wide = search.greedy(8, 1, additive_oracle(w, calls), prior, width=2)
     assert wide.evaluations == len(set(calls)) <= search.greedy_evaluations(8, 2)
-    assert search.comparison(exhaustive, wide.points, 8)[1]["greedy_plan"] == "groups:3-3"  # scoring overrode the prior
+    assert frontier.comparison(exhaustive, wide.points, 8)[1]["greedy_plan"] == "groups:3-3"  # scoring overrode the prior
     narrow = search.greedy(8, 1, additive_oracle(w, []), prior, width=1)
-    assert search.comparison(exhaustive, narrow.points, 8)[1]["greedy_plan"] == "full_reuse"  # [4, 4] scores 36 < 39 (full reuse)
+    assert frontier.comparison(exhaustive, narrow.points, 8)[1]["greedy_plan"] == "full_reuse"  # [4, 4] scores 36 < 39 (full reuse)
 
 
 def test_parallel_workers_give_the_same_cells(tiny, tmp_path):
@@ -267,7 +267,7 @@ def test_parallel_workers_give_the_same_cells(tiny, tmp_path):
         examples = runner.prepare(pair, task, runner.records_of(cfg, task), cfg.max_length)
         store = runner.CellStore(tmp_path / f"w{workers}" / "cells", pair, task, cfg.split, cfg.max_length)
         ev = runner.Evaluator(pair, task, store, workers=workers, worker_cfg=cfg)
-        ev.fill([search.plan_of([(1, 2)], 4), search.plan_of([], 4)], examples, min_cells=1)
+        ev.fill([frontier.plan_of([(1, 2)], 4), frontier.plan_of([], 4)], examples, min_cells=1)
         assert ev.n_run == len(store.cells) == 6  # computed by fill, in one process or two
         points = search.exhaustive(ev, examples, 4, [2])[2]
         results[workers] = ({p.plan: p.score for p in points},
