@@ -32,6 +32,53 @@ def main(cfg: DictConfig) -> dict:
     return finish(run, summary)
 
 
+def throughput(pair_name: str, n_examples: int = 16, batch_size: int = 16, plans: list[str] = ()) -> dict:
+    """Cells per second of batched evaluation against the one-at-a-time executor, measured in one run
+    (``scripts/bench_batched.py``): both compute the same (plan, example) cells on the first
+    ``n_examples`` profiling examples, one after the other, with no cell store. One at a time is
+    ``Evaluator.run`` per cell, example-major (each context captured once, the plans of a context
+    sharing recomputed layers: the best the batch-1 executor does); batched is ``Evaluator.compute``
+    with ``batch_size`` examples a call, which also computes every cell's teacher-forced NLL and KL.
+    Also counts the cells that decode the same tokens on both sides (float rounding differs between
+    batch shapes, so a near-tie can flip a token)."""
+    import torch
+
+    from ds_study.pair import load_pair
+    from ds_study.plans import parse_plan
+
+    cfg = runner.compose("evaluate", [f"model_pair={pair_name}", "split=profile", f"limit={n_examples}"])
+    task = runner.validate(cfg)
+    pair = load_pair(cfg.model_pair.receiver, cfg.model_pair.sender, dtype=cfg.dtype, device=cfg.device)
+    examples = runner.prepare(pair, task, runner.records_of(cfg, task), cfg.max_length)
+    plans = [parse_plan(p, pair.n_layers) for p in plans]
+    n_cells = len(plans) * len(examples)
+    print(f"{pair_name}: {len(examples)} examples x {len(plans)} plans = {n_cells} cells, "
+          f"{torch.get_num_threads()} threads", flush=True)
+
+    one = runner.Evaluator(pair, task, keep=1)
+    t0 = time.perf_counter()
+    single = {}
+    for ex in examples:
+        for p in plans:
+            single[(p.name, ex.id)] = one.run(p, ex).token_ids
+    t_one = time.perf_counter() - t0
+    print(f"one at a time: {t_one:.1f} s, {n_cells / t_one:.2f} cells/s", flush=True)
+
+    many = runner.Evaluator(pair, task, batch_size=batch_size)
+    t0 = time.perf_counter()
+    many.compute(plans, examples)
+    t_batch = time.perf_counter() - t0
+    print(f"batched (batch {batch_size}): {t_batch:.1f} s, {n_cells / t_batch:.2f} cells/s", flush=True)
+
+    same = sum(many.cell(p, ex)["prediction"] == runner.prediction_text(pair.tokenizer, single[(p.name, ex.id)])
+               for ex in examples for p in plans)
+    print(f"speed-up {t_one / t_batch:.2f}x; identical predictions {same} of {n_cells}")
+    return {"pair": pair_name, "examples": len(examples), "plans": [p.name for p in plans], "cells": n_cells,
+            "batch_size": batch_size, "one_at_a_time_s": round(t_one, 2), "batched_s": round(t_batch, 2),
+            "speedup": round(t_one / t_batch, 2), "identical_predictions": same,
+            "env": runner.environment(cfg.device)}
+
+
 cli = hydra_main("evaluate")(main)  # user errors in one or two lines, bugs with their traceback (ds_study.cli)
 
 

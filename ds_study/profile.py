@@ -17,8 +17,10 @@ committed files the figures read): the explicit "regenerate committed results" s
 from __future__ import annotations
 
 import json
+import statistics
 import time
 
+import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -62,6 +64,60 @@ def finish(run, summary: dict) -> dict:
     runner.write_json(run / "summary.json", summary)
     print(f"\nresults: {run}")
     return summary
+
+
+@torch.no_grad()
+def cost(pair_name: str, n_examples: int = 10, repeats: int = 3) -> dict:
+    """What the deviation profile costs next to plain forward passes (``scripts/bench_profile.py``).
+
+    Per profiling example: (a) one plain forward pass of the receiver and one of the sender over the
+    shared context (the cheapest thing any profiler must do), and (b) what the deviation profile does
+    (capture K/V/E of both models, per-layer deviation and attention-output cosines); both timed in
+    the same run after a warm-up, medians over ``repeats``, goal (b)/(a) <= 2.5. Also the bytes of
+    K, V and E per token per layer, measured against the analytic formula of the model config."""
+    from ds_study.caches import analytic_bytes_per_token
+    from ds_study.executor import capture
+
+    cfg = runner.compose("profile", [f"model_pair={pair_name}", f"limit={n_examples}"])
+    task = runner.validate(cfg)
+    pair = runner.load_pair_from(cfg)
+    examples = runner.prepare(pair, task, runner.records_of(cfg, task), cfg.max_length)
+    r, s = pair.receiver, pair.sender
+
+    def plain():
+        for ex in examples:
+            ids = torch.tensor([ex.prompt.prefix_ids])
+            r(input_ids=ids)
+            s(input_ids=ids)
+
+    def profile():
+        for ex in examples:
+            sc, rc = capture(s, ex.prompt.prefix_ids), capture(r, ex.prompt.prefix_ids)
+            deviation.layer_deviation(r, rc, sc)
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    plain(), profile()  # warm-up
+    t_plain = statistics.median(timed(plain) for _ in range(repeats))
+    t_prof = statistics.median(timed(profile) for _ in range(repeats))
+
+    cache = capture(r, examples[0].prompt.prefix_ids)
+    analytic = analytic_bytes_per_token(r.config, cache.keys[0].element_size())
+    measured = {k: cache.bytes_per_token(k) for k in ("k", "v", "e")}
+    return {
+        "command": f"python scripts/bench_profile.py --pair {pair_name} --examples {n_examples} --repeats {repeats}",
+        "pair": pair_name, "examples": len(examples),
+        "mean_context_tokens": round(sum(e.prompt.n_prefix for e in examples) / len(examples), 1),
+        "plain_forward_both_models_s": round(t_plain, 4), "deviation_profile_s": round(t_prof, 4),
+        "ratio": round(t_prof / t_plain, 3), "goal_ratio_max": 2.5,
+        "bytes_per_token_per_layer": {"measured": measured, "analytic": analytic,
+                                      "match": all(measured[k] == analytic[k] for k in measured)},
+        "e_over_one_layer_kv": analytic["e"] / (analytic["k"] + analytic["v"]),
+        "env": runner.environment(cfg.device),
+    }
 
 
 def print_table(title: str, table: list[dict]) -> None:
