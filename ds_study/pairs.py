@@ -54,6 +54,27 @@ def _config(name: str, split: str, limit: int | None, cells_root: str):
                           + ([f"limit={limit}"] if limit else []))
 
 
+def score_family(root: Path, device: str, limit: int, pairs: list[tuple[str, str, str]]) -> list[dict]:
+    """Receiver alone and sender alone of pairs of a freshly built family under ``root`` (``pairs``:
+    (receiver, sender, task), variant folder names), on the first ``limit`` profiling examples with
+    no cell store: how a recipe scores before it is committed (``scripts/zoo_sweep.py``)."""
+    from ds_study.pair import load_pair
+    from ds_study.plans import parse_plan
+
+    rows = []
+    for receiver, sender, task_name in pairs:
+        task = data.TASKS[task_name]
+        pair = load_pair(str(root / receiver), str(root / sender), device=device)
+        examples = runner.prepare(pair, task, data.load_records(task_name, "profile")[:limit], 1024)
+        ev = runner.Evaluator(pair, task, None)
+        got = {plan: metrics.quality([ev.cell(parse_plan(plan, pair.n_layers), ex) for ex in examples])
+               for plan in ("full_prefill", "sender")}
+        rows.append({"receiver": receiver, "sender": sender, "task": task_name, "metric": task.metric,
+                     "n": len(examples), "receiver_score": got["full_prefill"], "sender_score": got["sender"],
+                     "example_prediction": ev.cell(parse_plan("full_prefill", pair.n_layers), examples[0])["prediction"]})
+    return rows
+
+
 def evaluate_pair(name: str, split: str, limit: int | None, batch_size: int, cells_root: str) -> dict:
     """Fill the pair's three baseline cells for every example (batched, resumable); its table row."""
     cfg = _config(name, split, limit, cells_root)

@@ -22,13 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from ds_study import pairs as pair_table
 from ds_study import runner, zoo
-from ds_study.data import TASKS
-from ds_study.plans import parse_plan
-from ds_study.pair import load_pair
 
 HD32 = ["model.num_attention_heads=4", "model.num_key_value_heads=1"]  # head dim 32, same size, GQA 4:1
 HD32_4X = [*HD32, "pretrain.copy_fraction=0.5", "pretrain.steps=1800"]  # plus copy rows, 4x the pretraining
@@ -69,26 +66,7 @@ PAIRS = [("code", "qa", "pycode"), ("code", "base", "pycode"), ("qa", "code", "p
 
 
 def recipe_cfg(overrides: list[str], device: str, threads: int):
-    with initialize_config_dir(str(zoo.CONF_DIR), version_base="1.3"):
-        return compose("zoo", overrides=[*overrides, f"device={device}", f"threads={threads}"])
-
-
-def score_pairs(root: Path, device: str, limit: int, pairs) -> list[dict]:
-    rows = []
-    for receiver, sender, task_name in pairs:
-        task = TASKS[task_name]
-        pair = load_pair(str(root / receiver), str(root / sender), device=device)
-        records = runner.data.load_records(task_name, "profile")[:limit]
-        examples = runner.prepare(pair, task, records, 1024)
-        ev = runner.Evaluator(pair, task, None)
-        got = {}
-        for plan in ("full_prefill", "sender"):
-            p = parse_plan(plan, pair.n_layers)
-            got[plan] = runner.quality([ev.cell(p, ex) for ex in examples])
-        rows.append({"receiver": receiver, "sender": sender, "task": task_name, "metric": task.metric,
-                     "n": len(examples), "receiver_score": got["full_prefill"], "sender_score": got["sender"],
-                     "example_prediction": ev.cell(parse_plan("full_prefill", pair.n_layers), examples[0])["prediction"]})
-    return rows
+    return runner.compose("zoo", [*overrides, f"device={device}", f"threads={threads}"], conf_dir=zoo.CONF_DIR)
 
 
 def main(argv=None) -> None:
@@ -124,7 +102,7 @@ def main(argv=None) -> None:
             v.get("train_positions", 0) for k, v in manifest["variants"].items() if k != "base")
         t1 = time.time()
         pairs = [p for p in PAIRS if p[0] in manifest["variants"] and p[1] in manifest["variants"]]
-        rows = score_pairs(out, args.device, args.limit, pairs)
+        rows = pair_table.score_family(out, args.device, args.limit, pairs)
         rec = {"recipe": name, "overrides": RECIPES[name], "device": args.device, "build_s": round(build_s, 1),
                "eval_s": round(time.time() - t1, 1), "train_positions": positions,
                "losses": {k: {m: v.get(m) for m in ("final_train_loss", "val_loss")} for k, v in manifest["variants"].items()},
