@@ -19,14 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from ds_study import runner
+from ds_study.records import write_json
+
+ROOT = runner.REPO_ROOT
 
 
 def latest_summary(runs: Path, job: str) -> dict:
@@ -61,8 +63,9 @@ def main() -> None:
         publish.append("study.publish=true")
     steps = [("profile", ["-m", "ds_study.profile", *common, *full_search]),
              ("study", ["-m", "ds_study.study", *common, *publish])]
-    report = {"pair": a.pair, "threads": a.threads, "workers": a.workers, "limit": a.limit, "cpu_count": os.cpu_count(),
-              "machine": platform.processor() or platform.machine(), "root": str(scratch),
+    env = runner.environment("cpu")
+    report = {"pair": a.pair, "threads": a.threads, "workers": a.workers, "limit": a.limit, "cpu_count": env["cpu_count"],
+              "machine": env["device_name"], "root": str(scratch),
               "load_average_before": os.getloadavg(), "steps": {}}
     t_all = time.perf_counter()
     for job, args in steps:
@@ -77,9 +80,7 @@ def main() -> None:
     report["load_average_after"] = os.getloadavg()  # other jobs on the machine slow the benchmark down
     report["cells_computed"] = sum(s["cells_computed"] for s in report["steps"].values())
     report["time_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out = Path(a.out or scratch / "study") / f"bench_{a.pair}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_json(Path(a.out or scratch / "study") / f"bench_{a.pair}.json", report, indent=2, quiet=True)
     print(f"total    {report['wall_seconds']:7.1f} s  {report['cells_computed']:6d} cells computed -> {out}")
 
 
