@@ -208,27 +208,58 @@ def _start(plan: Plan) -> tuple:
     return (plan.kind, plan.groups)
 
 
+@dataclass
+class BatchContext:
+    """What every plan of one batch shares: the padded contexts, the receiver's full prefill with its
+    scores and greedy answer (the reference), and the sender's cache with E plus the recomputed-layer
+    memo. A caller that scores more plans on the same batch later (each greedy step scores two)
+    passes it back instead of capturing both models again, which at two plans per call is most of
+    the cost. It holds both models' K/V and E for the batch, so keep one at a time."""
+
+    items: list[Item]
+    ids: torch.Tensor
+    pmask: torch.Tensor
+    room: int  # tokens appended after the context: suffix + answer, then decoding
+    ref: tuple  # the receiver's full prefill: (log-probabilities, suffix hidden states, tokens) per row
+    scache: ContextCache | None = None  # the sender's, with E; made when a plan first reads it
+    memo: GroupMemo | None = None
+
+
+@torch.no_grad()
+def batch_context(receiver, items: list[Item], pad_id: int, max_new_tokens: int, eos_ids: set[int],
+                  stop=None) -> BatchContext:
+    """The receiver's side of a batch: its full prefill of the padded contexts, then the reference
+    pass (teacher-forced scores and greedy decoding) every plan is compared with."""
+    dev = next(receiver.parameters()).device
+    ids, pmask = padded(items, pad_id, dev)
+    own = capture(receiver, ids, with_embeds=False)
+    room = max(len(it.suffix) + len(it.answer) for it in items) + max_new_tokens + 1
+    ref = score_and_decode(receiver, as_cache(receiver, list(zip(own.keys, own.values)), room), pmask, items,
+                           pad_id, max_new_tokens, eos_ids, stop)
+    return BatchContext(items, ids, pmask, room, ref)
+
+
 @torch.no_grad()
 def evaluate_plans(receiver, sender, items: list[Item], plans, pad_id: int, max_new_tokens: int, eos_ids: set[int],
-                   stop=None, out_err: bool = False, on_plan=None) -> dict[str, list[dict]]:
+                   stop=None, out_err: bool = False, on_plan=None, context: BatchContext | None = None
+                   ) -> dict[str, list[dict]]:
     """{plan name: [{"tokens", "nll", "kl"[, "out_err"]} per item]} for every plan, on one batch.
 
     ``plans``: Plan objects or anything ``parse_plan`` accepts. ``on_plan(plan, rows)`` is called as
-    soon as each plan is done (a caller stores its cells then: an interruption loses one plan's work)."""
+    soon as each plan is done (a caller stores its cells then: an interruption loses one plan's work).
+    ``context``: a ``batch_context`` of these items made earlier (same decoding settings), reused."""
     n_layers = receiver.config.num_hidden_layers
     plans = sorted((parse_plan(p, n_layers) for p in plans), key=_start)
-    dev = next(receiver.parameters()).device
-    ids, pmask = padded(items, pad_id, dev)
-    own = capture(receiver, ids, with_embeds=False)  # the receiver's full prefill: the reference
-    own_layers = list(zip(own.keys, own.values))
-    room = max(len(it.suffix) + len(it.answer) for it in items) + max_new_tokens + 1  # the block, then decoding
-    ref_cache = as_cache(receiver, own_layers, room)
-    ref, ref_hidden, ref_tokens = score_and_decode(receiver, ref_cache, pmask, items, pad_id, max_new_tokens, eos_ids,
-                                                   stop)
-    scache = memo = None
-    if any(p.needs_sender for p in plans):
-        scache = capture(sender, ids, with_embeds=any(p.needs_embeds for p in plans))
-        memo = GroupMemo(receiver, ids, scache)
+    ctx = context if context is not None else batch_context(receiver, items, pad_id, max_new_tokens, eos_ids, stop)
+    if ctx.items is not items and [(it.prefix, it.suffix, it.answer) for it in ctx.items] != [
+            (it.prefix, it.suffix, it.answer) for it in items]:
+        raise ValueError("the batch context was made for other items")
+    ids, pmask, room, (ref, ref_hidden, ref_tokens) = ctx.ids, ctx.pmask, ctx.room, ctx.ref
+    if ctx.scache is None and any(p.needs_sender for p in plans):
+        # with E whatever these plans need: recording it costs memory, not compute, and a later call may need it
+        ctx.scache = capture(sender, ids, with_embeds=True)
+        ctx.memo = GroupMemo(receiver, ids, ctx.scache)
+    scache, memo = ctx.scache, ctx.memo
     out: dict[str, list[dict]] = {}
     for plan in plans:
         model = sender if plan.impl.decoder == "sender" else receiver

@@ -311,6 +311,8 @@ class Evaluator:
         self.stop = None if rule is None else (lambda ids: rule(tok.decode(ids, skip_special_tokens=True)))
         self._entries: OrderedDict[str, dict] = OrderedDict()  # example id -> sender/receiver/ref/memo
         self._mem: dict[tuple[str, str], dict] = {}  # cells, when there is no store
+        self._batch: tuple | None = None  # (example ids, batched.BatchContext) of the last batch: the next
+        #                                   call on the same examples (a greedy step) captures nothing again
         self.n_run = self.n_reused = self.n_cached = 0
         self._fresh: set[tuple[str, str]] = set()  # (plan, example) cells computed by this evaluator or its workers
 
@@ -417,9 +419,14 @@ class Evaluator:
                 if progress is not None:
                     progress(len(done))
 
+            key = tuple(ex.id for ex in chunk)
+            if self._batch is None or self._batch[0] != key:
+                self._batch = None  # free the last batch's captures before making this one's
+                self._batch = (key, batched.batch_context(self.pair.receiver, items, tok.pad_token_id,
+                                                          task.max_new_tokens, {tok.eos_token_id}, self.stop))
             batched.evaluate_plans(self.pair.receiver, self.pair.sender, items, need, tok.pad_token_id,
                                    task.max_new_tokens, {tok.eos_token_id}, stop=self.stop, out_err=out_err,
-                                   on_plan=store)
+                                   on_plan=store, context=self._batch[1])
 
     def fill(self, plans: list[Plan], examples: list[Example], out_err: bool = False, min_cells: int = 40,
              desc: str = "cells") -> None:

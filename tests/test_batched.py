@@ -118,3 +118,25 @@ def test_an_interrupted_batch_keeps_the_plans_it_finished(setup, tmp_path, monke
         runner.Evaluator(pair, task, store, batch_size=3).fill(plans, examples)
     kept = runner.CellStore(tmp_path, pair, task, "profile", 1024)
     assert sum(kept.get(p.name, ex.id) is not None for p in plans for ex in examples) == 6  # two plans x 3
+
+
+def test_a_later_call_on_the_same_batch_captures_nothing_again(setup, tmp_path, monkeypatch):
+    """A greedy step scores two plans on the profiling batch: the Evaluator keeps the batch's captures
+    and reference pass, so the next step runs only its plans, and computes what a fresh batch computes."""
+    pair, task, _ = setup
+    examples = runner.prepare(pair, task, data.load_records("pycode", "profile", limit=3), 1024)
+    steps = [[parse_plan(p, pair.n_layers) for p in step] for step in (("0-1", "2-5"), ("2-3", "3-7"), ("sender",))]
+    fresh = runner.Evaluator(pair, task, runner.CellStore(tmp_path / "a", pair, task, "profile", 1024), batch_size=3)
+    fresh.compute([p for step in steps for p in step], examples)
+    captures = []
+    real = batched.capture
+    monkeypatch.setattr(batched, "capture", lambda *a, **k: captures.append(1) or real(*a, **k))
+    store = runner.CellStore(tmp_path / "b", pair, task, "profile", 1024)
+    ev = runner.Evaluator(pair, task, store, batch_size=3)
+    for step in steps:
+        ev.compute(step, examples)
+    assert len(captures) == 2  # the receiver's and the sender's, once
+    for p in (p for step in steps for p in step):
+        for ex in examples:
+            a, b = fresh._get(p.name, ex.id), store.get(p.name, ex.id)
+            assert (a["prediction"], a["nll"], a["kl"]) == (b["prediction"], b["nll"], b["kl"]), (p.name, ex.id)
