@@ -210,6 +210,9 @@ class CellStore:
 
     ``seed``: a directory of the same layout (the committed ``results/cells/<pair>``) whose file of
     the same name is read, never written; a cell is looked up in ``root``'s file first, then there.
+
+    Any number of processes may share the file (a job's workers, the jobs of a sweep, SLURM jobs on a
+    shared file system): each cell is one line appended in one write under an exclusive ``flock``.
     """
 
     def __init__(self, root: Path, pair: ModelPair, task: data.TaskSpec, split: str, max_length: int,
