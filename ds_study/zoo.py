@@ -16,7 +16,6 @@ losses), so nobody waits for training:
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -29,8 +28,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ds_study.manifests import MANIFEST, canonical_tokenizer_config, check_committed, file_hashes, sha256_file
+
 ZOO_DIR = Path(__file__).resolve().parent / "assets" / "zoo"
-MANIFEST = "manifest.json"
 CORPUS = Path(__file__).resolve().parent / "assets" / "corpus" / "pretrain.txt.gz"
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 REBUILD_HINT = "rebuild it with `python -m ds_study.zoo out=ds_study/assets/zoo` (about 40 min on 2 CPU cores)"
@@ -40,46 +40,12 @@ class ZooError(RuntimeError):
     """The committed family is missing or does not match its manifest."""
 
 
-# --------------------------------------------------------------------------------------------
-# Files and manifest
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_hashes(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): sha256_file(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
-
-
-def first_bad_file(root: Path, files: dict[str, str], manifest: Path) -> tuple[Path, str] | None:
-    """(path, "is missing" | "is corrupt (sha256 differs from <manifest>)") of the first file of a
-    manifest's ``files`` map that is absent or whose sha256 differs; None when every file matches.
-    Shared by every manifest check."""
-    for rel, want in files.items():
-        p = Path(root) / rel
-        if not p.is_file():
-            return p, "is missing"
-        if sha256_file(p) != want:
-            return p, f"is corrupt (sha256 differs from {manifest})"
-    return None
-
-
 def verify(root: Path = ZOO_DIR) -> dict:
     """Check every file of a built family against its manifest; raise ZooError saying how to fix."""
     mpath = Path(root) / MANIFEST
     if not mpath.exists():
         raise ZooError(f"no model family at {root} (missing {MANIFEST}); {REBUILD_HINT}")
-    manifest = json.loads(mpath.read_text())
-    bad = first_bad_file(root, manifest["files"], mpath)
-    if bad:
-        raise ZooError(f"zoo file {bad[0]} {bad[1]}; restore it with `git checkout -- {bad[0]}` or {REBUILD_HINT}")
-    return manifest
+    return check_committed(root, json.loads(mpath.read_text()), "zoo", ZooError, f" or {REBUILD_HINT}")
 
 
 _VERIFIED: set[Path] = set()
@@ -406,24 +372,11 @@ def build_variant(cfg: DictConfig, name: str, out: Path, tokenizer) -> dict:
     return stats
 
 
-LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only")  # how a tokenizer was loaded, not what it is
-
-
 def _save(model, tokenizer, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     canonical_tokenizer_config(path / "tokenizer_config.json")
-
-
-def canonical_tokenizer_config(path: Path) -> None:
-    """Drop the keys transformers records about how the tokenizer was loaded (from a local folder,
-    with HF_HUB_OFFLINE set or not): they made identical builds hash differently. Written the way
-    transformers writes the file."""
-    cfg = json.loads(path.read_text(encoding="utf-8"))
-    kept = {k: v for k, v in cfg.items() if k not in LOAD_TIME_TOKENIZER_KEYS}
-    if kept != cfg:
-        path.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------

@@ -164,6 +164,7 @@ def test_lora_variant_does_not_depend_on_earlier_rng_draws(tmp_path):
     from transformers import AutoTokenizer
 
     from ds_study import zoo
+    from ds_study.manifests import sha256_file
     from tiny_pair import build_tiny_pair
 
     receiver, _ = build_tiny_pair(tmp_path / "pair")
@@ -177,7 +178,7 @@ def test_lora_variant_does_not_depend_on_earlier_rng_draws(tmp_path):
         torch.manual_seed(123)
         torch.rand(draws)
         zoo.build_variant(cfg, "sum", out, AutoTokenizer.from_pretrained(out / "base"))
-        digests.append(zoo.sha256_file(out / "sum" / "model.safetensors"))
+        digests.append(sha256_file(out / "sum" / "model.safetensors"))
     assert digests[0] == digests[1]
 
 
