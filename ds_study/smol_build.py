@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ds_study import smol
-
-MANIFEST = smol.MANIFEST
+from ds_study import smol, training
+from ds_study.manifests import MANIFEST, sha256_file
 STATS = "build.json"
 
 
@@ -87,12 +86,10 @@ def build_variant(cfg: DictConfig, name: str, out: Path, base: Path) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ds_study import zoo
-
     v = cfg.variants[name]
     recipe = recipe_of(cfg, name)
     done = out / name / STATS
-    data_hashes = {p.relative_to(p.parents[4]).as_posix(): smol.sha256_file(p) for p in _data_files(v.task)}
+    data_hashes = {p.relative_to(p.parents[4]).as_posix(): sha256_file(p) for p in _data_files(v.task)}
     if done.is_file():
         prev = json.loads(done.read_text())
         if prev.get("recipe_key") == _recipe_key(recipe) and prev.get("data") == data_hashes:
@@ -108,22 +105,22 @@ def build_variant(cfg: DictConfig, name: str, out: Path, base: Path) -> dict:
     model = get_peft_model(model, lcfg)
     if v.loss_on not in ("answer", "all"):
         raise ValueError(f"variant {name}: loss_on must be 'answer' or 'all', got {v.loss_on!r}")
-    train = zoo.finetune_examples(tok, v.task, "train", cfg.max_length, 1, cfg.seed, v.loss_on)
-    val = zoo.finetune_examples(tok, v.task, "profile", cfg.max_length)[: cfg.val_examples]
+    train = training.finetune_examples(tok, v.task, "train", cfg.max_length, 1, cfg.seed, v.loss_on)
+    val = training.finetune_examples(tok, v.task, "profile", cfg.max_length)[: cfg.val_examples]
     order = random.Random(cfg.seed + 1).sample(range(len(train)), len(train))
     pad = tok.pad_token_id
 
     def batches(step):
         idx = [order[(step * v.batch_size + k) % len(order)] for k in range(v.batch_size)]
-        return zoo.collate([train[i] for i in idx], pad, cfg.device)
+        return training.collate([train[i] for i in idx], pad, cfg.device)
 
-    losses = zoo._train(model, batches, v.steps, v.lr, max(1, v.steps // 10), 0.0, f"finetune smol {name}")
+    losses = training.train(model, batches, v.steps, v.lr, max(1, v.steps // 10), 0.0, f"finetune smol {name}")
     dtype = getattr(torch, cfg.save_dtype)
     _round_adapter(model, dtype)
-    val_batches = [zoo.collate(val[k:k + 4], pad, cfg.device) for k in range(0, len(val), 4)]
-    val_loss = zoo._mean_loss(model, val_batches)
+    val_batches = [training.collate(val[k:k + 4], pad, cfg.device) for k in range(0, len(val), 4)]
+    val_loss = training.mean_loss(model, val_batches)
     with model.disable_adapter():
-        base_val = zoo._mean_loss(model, val_batches)
+        base_val = training.mean_loss(model, val_batches)
     path = out / name
     if path.exists():
         shutil.rmtree(path)
@@ -156,7 +153,7 @@ def build(cfg: DictConfig, out: Path) -> dict:
     files = {}
     for name in sorted(variants):
         for p in sorted((out / name).iterdir()):
-            files[f"{name}/{p.name}"] = smol.sha256_file(p)
+            files[f"{name}/{p.name}"] = sha256_file(p)
     manifest = {
         "family": "smol",
         "base": json.loads((base / MANIFEST).read_text())["source"],
