@@ -369,19 +369,25 @@ def main(cfg: DictConfig) -> None:
     manifest = build(cfg, out)
     print(json.dumps(manifest["variants"], indent=2))
     print(f"built in {manifest['build']['seconds']} s into {out}")
-    if out.resolve() == ZOO_DIR.resolve():
-        print("wrote the committed family; commit ds_study/assets/zoo")
+    compare_with_committed(manifest, out, ZOO_DIR, compare, "family")
+
+
+def compare_with_committed(built: dict, out: Path, committed: Path, diff, what: str) -> None:
+    """Say how a rebuild into ``out`` compares with the ``committed`` one (``diff``: the family's
+    compare of two manifests); exit 1 when a file differs. Nothing to compare when ``out`` is it."""
+    if out.resolve() == committed.resolve():
+        print(f"wrote the committed {what}; commit {committed.relative_to(ZOO_DIR.parents[2]).as_posix()}")
         return
-    ref = ZOO_DIR / MANIFEST
+    ref = committed / MANIFEST
     if not ref.exists():
         print(f"no committed manifest at {ref} to compare with")
         return
-    diffs = compare(manifest, json.loads(ref.read_text()))
+    diffs = diff(built, json.loads(ref.read_text()))
     if diffs:
-        print(f"rebuild DIFFERS from the committed manifest in {len(diffs)} file(s):\n  " + "\n  ".join(diffs))
+        print(f"rebuild DIFFERS from the committed {what} in {len(diffs)} file(s):\n  " + "\n  ".join(diffs))
         print("(bitwise equality needs the same torch build, CPU kind and thread count; see manifest['build'])")
         raise SystemExit(1)
-    print("rebuild matches the committed manifest: every file is bit-identical")
+    print(f"rebuild matches the committed {what}: every file is bit-identical")
 
 
 COMMANDS = ("fetch", "build", "verify")
@@ -404,19 +410,7 @@ def smol_main(cfg: DictConfig, command: str) -> None:
     manifest = smol_build.build(cfg, out)
     print(json.dumps({k: {m: v[m] for m in ("final_train_loss", "val_loss", "base_val_loss", "seconds")}
                       for k, v in manifest["variants"].items()}, indent=2))
-    if out.resolve() == smol.ADAPTERS_DIR.resolve():
-        print("wrote the committed adapters; commit ds_study/assets/smol")
-        return
-    ref = smol.ADAPTERS_DIR / MANIFEST
-    if not ref.exists():
-        print(f"no committed manifest at {ref} to compare with")
-        return
-    diffs = smol_build.compare(manifest, json.loads(ref.read_text()))
-    if diffs:
-        print(f"rebuild DIFFERS from the committed adapters in {len(diffs)} file(s):\n  " + "\n  ".join(diffs))
-        print("(bitwise equality needs the same torch build, CPU kind and thread count; see manifest['build'])")
-        raise SystemExit(1)
-    print("rebuild matches the committed adapters: every file is bit-identical")
+    compare_with_committed(manifest, out, smol.ADAPTERS_DIR, smol_build.compare, "adapters")
 
 
 def cli(argv: list[str]) -> None:
