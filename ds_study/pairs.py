@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
 from ds_study import batched, data, metrics, runner
 
 FLOORS = {"qa_f1": 40.0, "code_sim": 40.0, "rouge_l": 25.0}
@@ -49,9 +47,9 @@ def fmt(ci: tuple[float, float, float], scale: float = 100.0, digits: int = 1, s
     return f"{s} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def _config(name: str, split: str, limit: int | None, cells_root: str):
-    return runner.compose("evaluate", [f"model_pair={name}", f"split={split}", f"cells_root={cells_root}"]
-                          + ([f"limit={limit}"] if limit else []))
+def _config(name: str, split: str, limit: int | None, cells_root: str, batch_size: int = 16):
+    return runner.compose("evaluate", [f"model_pair={name}", f"split={split}", f"cells_root={cells_root}",
+                                       f"batch_size={batch_size}"] + ([f"limit={limit}"] if limit else []))
 
 
 def score_family(root: Path, device: str, limit: int, pairs: list[tuple[str, str, str]]) -> list[dict]:
@@ -77,42 +75,15 @@ def score_family(root: Path, device: str, limit: int, pairs: list[tuple[str, str
 
 def evaluate_pair(name: str, split: str, limit: int | None, batch_size: int, cells_root: str) -> dict:
     """Fill the pair's three baseline cells for every example (batched, resumable); its table row."""
-    cfg = _config(name, split, limit, cells_root)
+    from ds_study.plans import parse_plan
+
+    cfg = _config(name, split, limit, cells_root, batch_size)
     task = runner.validate(cfg)
-    records = runner.records_of(cfg, task)
     pair = runner.load_pair_from(cfg)
-    tok = pair.tokenizer
-    examples = runner.prepare(pair, task, records, cfg.max_length)
-    store = runner.CellStore(Path(cfg.cells_root) / name, pair, task, split, cfg.max_length)
-
-    def done(ex):
-        return all((r := store.get(p, ex.id)) is not None and r.get("input") == ex.input_sha and "nll" in r
-                   for p in batched.BASELINES)
-
-    todo = sorted((ex for ex in examples if not done(ex)), key=lambda ex: len(ex.prompt.prefix_ids))
-    rule = metrics.stop_rule(task.metric)
-    stop = None if rule is None else (lambda ids: rule(tok.decode(ids, skip_special_tokens=True)))
-    eos = {tok.eos_token_id}
+    examples, ev = runner.evaluator_for(cfg, pair, task)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"{name} ({split})", unit="ex",
-               dynamic_ncols=True)
-    for k in range(0, len(todo), batch_size):
-        chunk = todo[k:k + batch_size]
-        items = [batched.Item(ex.prompt.prefix_ids, ex.prompt.suffix_ids,
-                              data.answer_ids(tok, task, ex.record["answers"][0])) for ex in chunk]
-        t1 = time.perf_counter()
-        got = batched.evaluate_baselines(pair.receiver, pair.sender, items, tok.pad_token_id, task.max_new_tokens,
-                                         eos, stop=stop)
-        secs = (time.perf_counter() - t1) / len(chunk)
-        for plan, rows in got.items():
-            for ex, r in zip(chunk, rows):
-                pred = runner.prediction_text(tok, r["tokens"])
-                store.add({"plan": plan, "id": ex.id, "n_recomputed": None, "prediction": pred,
-                           "answers": ex.record["answers"], "score": runner.score(task, pred, ex.record),
-                           "metric": task.metric, "nll": round(r["nll"], 6), "kl": round(r["kl"], 6),
-                           "seconds": round(secs / len(got), 4), "batch": len(chunk), "input": ex.input_sha})
-        bar.update(len(chunk))
-    bar.close()
+    ev.fill([parse_plan(p, pair.n_layers) for p in batched.BASELINES], examples, desc=f"{name} ({split})")
+    store = ev.store
     rows = {p: [store.get(p, ex.id) for ex in examples] for p in batched.BASELINES}
     score = {p: [r["score"] for r in rows[p]] for p in rows}
     nll = {p: [r["nll"] for r in rows[p]] for p in rows}
