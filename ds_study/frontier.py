@@ -118,16 +118,19 @@ def select(front: Sequence[Point | None], base: float, delta: float, mode: str =
     return None
 
 
-def sensitivity_plans(n_layers: int) -> list[Plan]:
-    """Receiver computes everything itself but reads the sender's KV at one layer."""
-    return [parse_plan(f"reuse_only:{i}", n_layers) for i in range(n_layers)]
+def sensitivity_plans(n_layers: int, layers: Sequence[int] | None = None) -> list[Plan]:
+    """Receiver computes everything itself but reads the sender's KV at one layer: every layer, or
+    only ``layers``."""
+    return [parse_plan(f"reuse_only:{i}", n_layers) for i in (range(n_layers) if layers is None else layers)]
 
 
 def critical_layers(layer_scores: Sequence[float], base: float, threshold_: float = 0.10,
-                    mode: str = "relative") -> list[int]:
-    """Layers whose single-layer reuse drops quality by more than the threshold (default: 10% relative)."""
+                    mode: str = "relative", layers: Sequence[int] | None = None) -> list[int]:
+    """Layers whose single-layer reuse drops quality by more than the threshold (default: 10% relative).
+    ``layer_scores[i]`` is layer ``layers[i]`` (default: layer i)."""
     cut = threshold(base, threshold_, mode)
-    return [i for i, s in enumerate(layer_scores) if s < cut - 1e-9]
+    layers = range(len(layer_scores)) if layers is None else layers
+    return [layer for layer, s in zip(layers, layer_scores) if s < cut - 1e-9]
 
 
 def frontier_rows(front, budget) -> list[dict]:

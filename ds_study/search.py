@@ -290,6 +290,7 @@ def check_config(sc, n_layers: int, split: str | None = None) -> None:
     deltas = as_list(sc.deltas)
     if not deltas or any(not 0 <= float(d) < 1 for d in deltas):
         fail("deltas", "a non-empty list of fractions in [0, 1) (relative; absolute: 0.01 = 1 point)", list(deltas))
+    sensitivity_layers(sc, n_layers)
     if not 0 <= float(sc.critical_threshold) < 1:
         fail("critical_threshold", "a fraction in [0, 1)", sc.critical_threshold)
     if sc.get("holdout_split") is not None:
@@ -305,6 +306,20 @@ def check_config(sc, n_layers: int, split: str | None = None) -> None:
     if sc.get("out_root") and not sc.get("publish"):
         raise ValueError("search.out_root is where search.publish=true writes the stable result files; a profile "
                          "writes its own files into its run directory. Add search.publish=true or drop search.out_root")
+
+
+def sensitivity_layers(sc, n_layers: int) -> list[int]:
+    """The layers single-layer sensitivity scores: ``search.sensitivity_layers`` (one index or a list of
+    distinct indices in [0, n_layers - 1]), or every layer when it is null or absent."""
+    v = sc.get("sensitivity_layers")
+    if v is None:
+        return list(range(n_layers))
+    want = f"null (every layer) or a non-empty list of distinct layer indices in [0, {n_layers - 1}], e.g. [15,18]"
+    given = as_list(v)
+    if not given or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n_layers for x in given) \
+            or len(set(given)) != len(given):
+        raise ValueError(f"search.sensitivity_layers must be {want}, got {v!r}")
+    return [int(x) for x in given]
 
 
 def publish_root(cfg) -> Path:
@@ -365,6 +380,10 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
     if exh and gre is not None:
         result["comparison"] = comparison_section(cfg, pair, task, ev, examples, exh, gre, label, result["command"], run)
         report.print_comparison(result["comparison"])
+    scored = (["full_prefill"] + [p.name for p in runner.plans_of(cfg.get("plans") or [], L)]  # the profile's baselines
+              + [p.name for p in sensitivity_plans(L, result.get("sensitivity", {}).get("layers", []))]
+              + [p.plan for pts in exh.values() for p in pts] + ([p.plan for p in gre.points] if gre else []))
+    result["plan_means"] = plan_means(ev, scored, examples)
     result["cells_computed"] = ev.n_run - n0
     report.print_selections(result, sc, base, label)
     runner.write_json(run / "search.json", result)
@@ -373,13 +392,28 @@ def run_from_profile(cfg, pair, task, examples, ev, run: Path) -> dict:
     return result
 
 
+def plan_means(ev, plans: Sequence[str], examples) -> dict[str, dict]:
+    """Per plan, the mean teacher-forced NLL of the gold answer and the mean KL from the receiver's full
+    prefill (nats per answer token, over the profiling examples), read from the cells already scored:
+    the continuous numbers behind ``search.target=nll|kl``, before exp(-x) and rounding to 0.01 points.
+    Plans with a missing cell, or cells without the continuous signals, are left out."""
+    out = {}
+    for name in dict.fromkeys(plans):
+        rows = [ev.store.get(name, ex.id) for ex in examples]
+        if rows and all(r is not None and "nll" in r and "kl" in r for r in rows):
+            out[name] = {t: round(sum(r[t] for r in rows) / len(rows), 6) for t in ("nll", "kl")}
+    return out
+
+
 def sensitivity_section(ev, examples, L: int, base: float, sc, target: str) -> dict:
-    """Single-layer reuse of every layer (paper Fig. 7) and the critical layers."""
-    plans = sensitivity_plans(L)
+    """Single-layer reuse of every layer (paper Fig. 7), or of ``search.sensitivity_layers`` only, and
+    the critical layers among them; ``layer_scores[i]`` is layer ``layers[i]``."""
+    layers = sensitivity_layers(sc, L)
+    plans = sensitivity_plans(L, layers)
     rows = evaluate(ev, plans, examples, "sensitivity")
     layer_scores = [quality(rows[p.name], target) for p in plans]
-    return {"layer_scores": layer_scores,
-            "critical_layers": critical_layers(layer_scores, base, sc.critical_threshold, sc.critical_mode),
+    return {"layers": layers, "layer_scores": layer_scores,
+            "critical_layers": critical_layers(layer_scores, base, sc.critical_threshold, sc.critical_mode, layers),
             "critical_threshold": sc.critical_threshold, "critical_mode": sc.critical_mode}
 
 

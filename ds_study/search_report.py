@@ -106,4 +106,4 @@ def print_selections(result: dict, sc, base: float, label: str) -> None:
         sens = result["sensitivity"]
         print(f"\ncritical layers (single-layer reuse drops {label} by more than {sc.critical_threshold:g} "
               f"{sc.critical_mode}): {sens['critical_layers']}")
-        print("  per-layer " + label + ": " + " ".join(f"{i}:{s:.1f}" for i, s in enumerate(sens["layer_scores"])))
+        print("  per-layer " + label + ": " + " ".join(f"{i}:{s:.1f}" for i, s in zip(sens["layers"], sens["layer_scores"])))

@@ -78,6 +78,7 @@ def test_critical_layers_strictly_more_than_threshold():
     assert critical_layers([40, 35.9, 36, 20], 40) == [1, 3]  # 36 is exactly a 10% drop: not critical
     assert critical_layers([40, 35.9, 36, 20], 40, 0.05, "absolute") == [3]  # below 40 - 5 points
     assert critical_layers([40, 34.9, 36, 20], 40, 0.05, "absolute") == [1, 3]
+    assert critical_layers([35.9, 40], 40, layers=[7, 2]) == [7]  # scores of chosen layers keep their indices
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,3 +415,38 @@ def test_continuous_targets_score_plans_by_nll_and_kl(tiny, tmp_path):
     assert metrics.example_value(row, "task") == 0.5
     with pytest.raises(ValueError, match="search.target must be task | nll | kl"):
         profile.main(compose("profile", common + ["search.target=f1"]))
+
+
+def test_sensitivity_at_chosen_layers_only(tiny, tmp_path):
+    """search.sensitivity_layers scores single-layer reuse at those layers only, keeping their indices
+    (``layers`` beside ``layer_scores``); the default (null) scores every layer, from the same cells.
+    search.json also holds every scored plan's mean NLL and KL, read from the cells."""
+    from tiny_pair import compose, pair_overrides
+
+    from ds_study import profile
+
+    common = pair_overrides(tiny[0], tiny[1], tmp_path) + ["limit=2", "threads=1", "workers=1", "deviation=false",
+                                                           "search.granularity=[4]"]
+    some = profile.main(compose("profile", common + ["search.sensitivity_layers=[3,1]"]))["search"]
+    sens = some["sensitivity"]
+    assert sens["layers"] == [3, 1] and len(sens["layer_scores"]) == 2
+    assert set(sens["critical_layers"]) <= {1, 3}
+    assert {"reuse_only:3", "reuse_only:1", "full_prefill", "full_reuse", "sender"} <= set(some["plan_means"])
+    assert "reuse_only:0" not in some["plan_means"]
+    assert all(set(m) == {"nll", "kl"} and m["nll"] > 0 for m in some["plan_means"].values())
+    assert some["plan_means"]["full_prefill"]["kl"] == 0.0
+
+    every = profile.main(compose("profile", common))["search"]  # the default: every layer
+    assert every["sensitivity"]["layers"] == [0, 1, 2, 3]
+    assert every["cells_computed"] == 2 * 2  # only layers 0 and 2 were new
+    assert [every["sensitivity"]["layer_scores"][i] for i in (3, 1)] == sens["layer_scores"]
+    assert every["plan_means"]["reuse_only:3"] == some["plan_means"]["reuse_only:3"]
+
+
+@pytest.mark.parametrize("value", ["[8]", "[-1]", "[1,1]", "[]", "[1.5]", "abc"])
+def test_bad_sensitivity_layers_refused_before_any_model_loads(refused_before_weights, value):
+    from ds_study import profile
+
+    refused_before_weights(profile.main, "profile", f"search.sensitivity_layers={value}",
+                           r"search.sensitivity_layers must be null \(every layer\) or a non-empty list of "
+                           r"distinct layer indices in \[0, 7\]")
