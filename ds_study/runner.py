@@ -422,7 +422,7 @@ class Evaluator:
                 if progress is not None:
                     progress(len(done))
 
-            key = tuple(ex.id for ex in chunk)
+            key = tuple((ex.id, ex.input_sha) for ex in chunk)  # an example's input may change (data, truncation)
             if self._batch is None or self._batch[0] != key:
                 self._batch = None  # free the last batch's captures before making this one's
                 self._batch = (key, batched.batch_context(self.pair.receiver, items, tok.pad_token_id,
