@@ -218,9 +218,11 @@ def check_compatible(receiver_config, sender_config, receiver_tok, sender_tok,
         diff = len(set(receiver_tok.get_vocab().items()) ^ set(sender_tok.get_vocab().items()))
         raise IncompatiblePair(f"tokenizers of {sender_ref} and {receiver_ref} differ ({diff} vocabulary entries); "
                                f"the same context would become different tokens")
-    for attr in ("bos_token_id", "eos_token_id"):
-        if getattr(receiver_tok, attr) != getattr(sender_tok, attr):
-            raise IncompatiblePair(f"tokenizers of {sender_ref} and {receiver_ref} differ in {attr}")
+    # BOS starts every shared prefix, so it must agree. EOS only ends an answer and may differ: an
+    # instruct model ends its turn with another token than its base (Llama-3: <|eot_id|>, <|end_of_text|>);
+    # decoding then stops at either (ModelPair.eos_ids).
+    if receiver_tok.bos_token_id != sender_tok.bos_token_id:
+        raise IncompatiblePair(f"tokenizers of {sender_ref} and {receiver_ref} differ in bos_token_id")
     probe = "def f(x):\n    return x  # The quick brown fox, 2024-11-27."
     if receiver_tok(probe)["input_ids"] != sender_tok(probe)["input_ids"]:
         raise IncompatiblePair(f"tokenizers of {sender_ref} and {receiver_ref} tokenize text differently")
@@ -234,6 +236,19 @@ class ModelPair:
     receiver_id: dict
     sender_id: dict
     shape: dict = field(default_factory=dict)
+    eos_ids: tuple[int, ...] = ()  # tokens that end an answer: each model's EOS (empty: the tokenizer's)
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Decoding stops at any of these: the receiver's and the sender's EOS."""
+        return set(self.eos_ids) or {self.tokenizer.eos_token_id}
+
+    @property
+    def pad_id(self) -> int:
+        """What padded batches are filled with (masked out): the tokenizer's pad token, else its EOS
+        (Llama-3, Mistral and Mixtral tokenizers have no pad token)."""
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
 
     @property
     def n_layers(self) -> int:
@@ -279,4 +294,5 @@ def load_pair(receiver: str, sender: str, dtype: str = "float32", device: str = 
                                     f"({str(e).splitlines()[0][:160]}); {CORRUPT_HINT}") from None
         check_sane(models[k], toks[k], k, where)
     return ModelPair(models["receiver"], models["sender"], toks["receiver"], ids["receiver"], ids["sender"],
-                     shape_of(configs["receiver"]))
+                     shape_of(configs["receiver"]),
+                     tuple(sorted({t.eos_token_id for t in toks.values() if t.eos_token_id is not None})))

@@ -347,12 +347,12 @@ class Evaluator:
 
     def run(self, plan: Plan, ex: Example) -> Decoded:
         """One plan on one example through the batch-1 executor (not stored)."""
-        p, tok = ex.prompt, self.pair.tokenizer
+        p = ex.prompt
         e = self._entry(ex)
         if plan.label == "full_prefill" and e["receiver"] is not None:
             r = e["receiver"]  # the receiver's own capture *is* its full prefill
             return decode(self.pair.receiver, list(zip(r.keys, r.values)), p.suffix_ids,
-                          self.task.max_new_tokens, tok.eos_token_id, stop=self.stop)
+                          self.task.max_new_tokens, self.pair.stop_ids, stop=self.stop)
         needs_sender = plan.needs_sender
         sender_cache = self.caches(ex)[0] if needs_sender else None
         memo = None
@@ -361,7 +361,7 @@ class Evaluator:
                 e["memo"] = GroupMemo(self.pair.receiver, p.prefix_ids, sender_cache)
             memo = e["memo"]
         return run_plan(self.pair.receiver, self.pair.sender, plan, p.prefix_ids, p.suffix_ids,
-                        self.task.max_new_tokens, tok.eos_token_id, sender_cache=sender_cache, memo=memo,
+                        self.task.max_new_tokens, self.pair.stop_ids, sender_cache=sender_cache, memo=memo,
                         stop=self.stop)
 
     def _get(self, plan: str, example_id: str) -> dict | None:
@@ -425,10 +425,10 @@ class Evaluator:
             key = tuple((ex.id, ex.input_sha) for ex in chunk)  # an example's input may change (data, truncation)
             if self._batch is None or self._batch[0] != key:
                 self._batch = None  # free the last batch's captures before making this one's
-                self._batch = (key, batched.batch_context(self.pair.receiver, items, tok.pad_token_id,
-                                                          task.max_new_tokens, {tok.eos_token_id}, self.stop))
-            batched.evaluate_plans(self.pair.receiver, self.pair.sender, items, need, tok.pad_token_id,
-                                   task.max_new_tokens, {tok.eos_token_id}, stop=self.stop, out_err=out_err,
+                self._batch = (key, batched.batch_context(self.pair.receiver, items, self.pair.pad_id,
+                                                          task.max_new_tokens, self.pair.stop_ids, self.stop))
+            batched.evaluate_plans(self.pair.receiver, self.pair.sender, items, need, self.pair.pad_id,
+                                   task.max_new_tokens, self.pair.stop_ids, stop=self.stop, out_err=out_err,
                                    on_plan=store, context=self._batch[1])
 
     def fill(self, plans: list[Plan], examples: list[Example], out_err: bool = False, min_cells: int = 40,
