@@ -72,9 +72,31 @@ def check_ref(ref: str, role: str = "model") -> None:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
+        config = try_to_load_from_cache(ref, "config.json")
+        if not isinstance(config, str):
             raise FileNotFoundError(f"{role}={ref}: no such directory, and no Hub model {ref!r} in the local cache "
                                     f"(HF_HUB_OFFLINE=1); pass a checkpoint directory or download the model first")
+        missing = missing_files(Path(config).parent)
+        if missing:
+            raise FileNotFoundError(f"{role}={ref}: the local cache holds its config but not {missing} "
+                                    f"(HF_HUB_OFFLINE=1); finish the download: huggingface-cli download {ref}")
+
+
+def missing_files(path: Path) -> str | None:
+    """What a checkpoint directory (a snapshot of the local Hub cache) lacks to be loaded, or None: a
+    tokenizer, and weights: every shard its index lists, or at least one weight file (an interrupted
+    download leaves some, or links to blobs that never arrived)."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return "its tokenizer"
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            shards = sorted(set(json.loads((path / index).read_text()).get("weight_map", {}).values()))
+            gone = [f for f in shards if not (path / f).is_file()]
+            return f"{len(gone)} of its {len(shards)} weight shards ({', '.join(gone[:2])}" \
+                   f"{', ...' if len(gone) > 2 else ''})" if gone else None
+    if not any(f.is_file() and f.name.endswith(WEIGHT_SUFFIXES) for f in path.iterdir()):
+        return "its weights"
+    return None
 
 
 def config_ref(ref: str) -> str:
