@@ -217,9 +217,21 @@ def _load_longbench(dataset: str) -> list[dict]:
             f"could not load LongBench {dataset!r} from the Hub ({LONGBENCH_HUB_PATH}): "
             f"{type(e).__name__}: {e}. Download LongBench's data.zip "
             "(https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip), unzip it and "
-            f"pass dataset_path=/path/to/{dataset}.jsonl"
+            f"pass dataset_path=/path/to/{dataset}.jsonl (or dataset_dir=/path/to, for every LongBench dataset)"
         ) from e
     return [validate_record(r, f"{LONGBENCH_HUB_PATH}/{dataset}[{i}]") for i, r in enumerate(rows)]
+
+
+def longbench_file(root: str | Path, dataset: str) -> Path:
+    """``root/<dataset>.jsonl`` (or ``.jsonl.gz``): one LongBench subset where LongBench's data.zip was
+    unzipped (``dataset_dir``), so that every LongBench dataset of a job is read offline."""
+    for name in (f"{dataset}.jsonl", f"{dataset}.jsonl.gz"):
+        if (Path(root) / name).is_file():
+            return Path(root) / name
+    raise FileNotFoundError(
+        f"dataset_dir={root} has no {dataset}.jsonl; unzip LongBench's data.zip "
+        "(https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip) there, or drop dataset_dir to "
+        "load it from the Hub")
 
 
 def load_records(dataset: str, split: str = "test", path: str | Path | None = None,

@@ -62,8 +62,11 @@ def task_of(cfg: DictConfig) -> data.TaskSpec:
 
 
 def records_of(cfg: DictConfig, task: data.TaskSpec) -> list[dict]:
-    """Records of the configured split; LongBench subsets hold out their first 50 as the profile split."""
+    """Records of the configured split; LongBench subsets hold out their first 50 as the profile split.
+    A LongBench subset is read from ``dataset_path``, else ``dataset_dir/<name>.jsonl``, else the Hub."""
     path = cfg.get("dataset_path")
+    if not path and task.source == "longbench" and cfg.get("dataset_dir"):
+        path = data.longbench_file(cfg.dataset_dir, task.name)
     if task.source == "longbench" or path:
         recs = data.load_records(task.name, "test", path=path)
         recs = data.split_records(recs, cfg.split) if task.source == "longbench" else recs
