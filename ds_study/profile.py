@@ -127,7 +127,9 @@ def print_table(title: str, table: list[dict]) -> None:
         print(f"  {r['plan']:<28}{r['score']:>8.2f}  {r['metric']:<10}{r['n']:>5}")
 
 
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig, pair=None) -> dict:
+    """The profile; ``pair``: the loaded pair to profile (a caller that ran the study on it already,
+    scripts/paper_study.py), else loaded here after every check that needs no weights."""
     task = runner.validate(cfg)
     runner.records_of(cfg, task)  # read before the weights load: a bad dataset fails in seconds
     n_layers = runner.receiver_layers(cfg)
@@ -136,7 +138,7 @@ def main(cfg: DictConfig) -> dict:
         from ds_study import search
 
         search.check_config(cfg.search, n_layers, cfg.split)
-    pair = runner.load_pair_from(cfg)
+    pair = pair if pair is not None else runner.load_pair_from(cfg)
     examples, ev = runner.evaluator_for(cfg, pair, task)
     run = runner.start_run(cfg, "profile", task)
     runner.write_json(run / "env.json", runner.environment(cfg.device))
