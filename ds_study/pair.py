@@ -79,7 +79,7 @@ def check_ref(ref: str, role: str = "model") -> None:
         missing = missing_files(Path(config).parent)
         if missing:
             raise FileNotFoundError(f"{role}={ref}: the local cache holds its config but not {missing} "
-                                    f"(HF_HUB_OFFLINE=1); finish the download: huggingface-cli download {ref}")
+                                    f"(HF_HUB_OFFLINE=1); finish the download: hf download {ref}")
 
 
 def missing_files(path: Path) -> str | None:
