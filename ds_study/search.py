@@ -487,7 +487,7 @@ def comparison_section(cfg, pair, task, ev, examples, exh: dict, gre, label: str
     if sc.get("holdout_split"):
         holdout = holdout_check(cfg, pair, task, table, {p.plan: p for p in [*pts, *gre.points]}, L)
     meta = {"pair": cfg.model_pair.name, "receiver": pair.receiver_id["name"], "sender": pair.sender_id["name"],
-            "dataset": task.name, "split": cfg.split, "metric": label, "granularity": g,
+            "dataset": task.name, "split": cfg.split, "n_examples": len(examples), "metric": label, "granularity": g,
             "greedy_evaluations": gre.evaluations, "exhaustive_evaluations": n_ex,
             "evaluation_ratio": gre.evaluations / n_ex,
             "max_shortfall": round(max(0.0, -min(r["diff"] for r in table)), 2),

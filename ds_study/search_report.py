@@ -15,9 +15,9 @@ def write_comparison_md(out_root: Path) -> Path:
     import pandas as pd
 
     lines = ["# Greedy vs exhaustive profiling", "",
-             "Best quality with at most k recomputed layers on each pair's 50-example profiling split; "
+             "Best quality with at most k recomputed layers on each pair's profiling split (its size in each section); "
              "`diff` = greedy - exhaustive (quality points); `SE` = standard error of that difference "
-             "over the examples (paired), i.e. how large a gap the choice of 50 examples alone produces. "
+             "over the examples (paired), i.e. how large a gap the choice of examples alone produces. "
              "Held-out columns score the same plans on examples neither search saw (`search.holdout_split`). "
              "Evaluations count distinct plans, each scored on every profiling example. "
              "Ranking reliability: the Spearman correlation between the plans' rankings on two random halves "
@@ -28,7 +28,8 @@ def write_comparison_md(out_root: Path) -> Path:
         df = pd.read_csv(csv)
         lines += [f"## {meta.get('pair', csv.stem)} ({meta.get('sender', '?')} -> {meta.get('receiver', '?')}, "
                   f"{meta.get('dataset', '?')}, {meta.get('metric', '')})", "",
-                  f"Evaluations: greedy {meta.get('greedy_evaluations')} vs exhaustive "
+                  (f"{meta['n_examples']} profiling examples. " if "n_examples" in meta else "")
+                  + f"Evaluations: greedy {meta.get('greedy_evaluations')} vs exhaustive "
                   f"{meta.get('exhaustive_evaluations')} ({meta.get('evaluation_ratio', float('nan')):.0%}); "
                   f"largest shortfall {meta.get('max_shortfall')} points"
                   + (f" on the profiling split, {meta['max_shortfall_holdout']} on {meta['holdout']['n_examples']} "
