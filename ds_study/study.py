@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ds_study import frontier, metrics, runner, search
 from ds_study.cli import hydra_main
+from ds_study.pairs import interval
 from ds_study.plans import layer_runs, parse_plan
 
 JOBS = ("quality", "sensitivity", "propagation", "transfer")
@@ -194,30 +195,47 @@ class Study:
         pc = self.cfg.study.propagation
         task, examples, ev = self.context(dataset)
         sens = self.sensitivity(dataset, verbose=False)
-        layers = critical_groups_layers(sens["layer_scores"], sens["critical_layers"], pc.top_k)
+        target = str(pc.get("target") or "task")
+        by = sens.get("by_target", {}).get(target) or {"layer_scores": sens["layer_scores"],
+                                                        "critical_layers": sens["critical_layers"]}
+        layers = critical_groups_layers(by["layer_scores"], by["critical_layers"], pc.top_k)
         chain = merge_chain(layer_runs(layers))
-        plans = [parse_plan("full_reuse", self.L)] + [frontier.plan_of(gr, self.L) for gr in chain]
+        # each multi-group step beside one contiguous group of as many layers, from the first chosen layer:
+        # transitions against contiguity at an equal recompute count
+        equal = {gr: ((min(gr[0][0], self.L - k), min(gr[0][0], self.L - k) + k - 1),)
+                 for gr in chain if len(gr) > 1 for k in [sum(b - a + 1 for a, b in gr)]}
+        groups = [()] + chain + [g for g in dict.fromkeys(equal.values()) if g not in chain]
+        plans = [frontier.plan_of(gr, self.L) for gr in groups]
         rows = search.evaluate(ev, plans, examples, f"propagation {dataset}", out_err=True)
         per_ex, summary = [], []
-        for p, gr in zip(plans, [()] + chain):
+        for p, gr in zip(plans, groups):
             pt = frontier.Point(p.name, tuple(gr), 0.0)
             errs = pd.Series([r["out_err"] for r in rows[p.name]])
+            twin = frontier.plan_of(equal[gr], self.L).name if gr in equal else None
             summary.append({"plan": p.name, "groups": frontier.groups_str(gr), "n_groups": len(gr),
                             "transitions": pt.transitions, "k": pt.k, "score": search.quality(rows[p.name]),
+                            "nll": search.quality(rows[p.name], "nll"), "kl": search.quality(rows[p.name], "kl"),
                             "out_err_mean": errs.mean(), "out_err_p25": errs.quantile(0.25),
-                            "out_err_p50": errs.median(), "out_err_p75": errs.quantile(0.75)})
+                            "out_err_p50": errs.median(), "out_err_p75": errs.quantile(0.75),
+                            "contiguous_twin": twin})
+            if twin is not None:  # paired over examples: this plan's output error minus its twin's
+                d = errs.to_numpy() - pd.Series([r["out_err"] for r in rows[twin]]).to_numpy()
+                summary[-1]["out_err_minus_twin"] = interval(d)
             per_ex += [{"plan": p.name, "id": r["id"], "score": 100 * r["score"], "out_err": r["out_err"]}
                        for r in rows[p.name]]
         df = pd.DataFrame(summary)
         df.to_csv(self.out(dataset, "propagation.csv"), index=False)
         pd.DataFrame(per_ex).to_csv(self.out(dataset, "propagation_per_example.csv"), index=False)
         runner.write_json(self.out(dataset, "propagation.json"),
-                          {**self.meta(task, examples), "layers": layers, "critical_layers": sens["critical_layers"],
+                          {**self.meta(task, examples), "target": target, "layers": layers,
+                           "critical_layers": by["critical_layers"],
                            "full_prefill": sens["full_prefill"], "plans": summary})
         print(f"  propagation {dataset}: layers {layers}")
         for r in summary:
             print(f"    {r['plan']:<24} transitions {r['transitions']}  k {r['k']}  score {r['score']:6.2f}  "
-                  f"output error {r['out_err_mean']:.4f}")
+                  f"exp(-KL) {r['kl']:6.2f}  output error {r['out_err_mean']:.4f}"
+                  + (f"  vs {r['contiguous_twin']}: {r['out_err_minus_twin'][0]:+.4f} [{r['out_err_minus_twin'][1]:+.4f}, "
+                     f"{r['out_err_minus_twin'][2]:+.4f}]" if r.get("contiguous_twin") else ""))
         return df
 
     def transfer(self) -> pd.DataFrame:
@@ -361,6 +379,8 @@ def check_config(cfg: DictConfig, n_layers: int) -> None:
         runner.plans_of(sc.quality.plans, n_layers)  # raises on an unknown or out-of-range plan
     if "propagation" in sc.jobs and not 1 <= int(sc.propagation.top_k) <= n_layers:
         fail("propagation.top_k", f"an integer in [1, {n_layers}]", sc.propagation.top_k)
+    if "propagation" in sc.jobs and str(sc.propagation.get("target") or "task") not in metrics.TARGETS:
+        fail("propagation.target", " | ".join(metrics.TARGETS), sc.propagation.target)
     if "transfer" in sc.jobs and not 1 <= int(sc.transfer.granularity) <= n_layers:
         fail("transfer.granularity", f"an integer in [1, {n_layers}]", sc.transfer.granularity)
 

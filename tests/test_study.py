@@ -66,6 +66,11 @@ def test_study_writes_every_result_file(results):
     prop = pd.read_csv(base / "pyqa" / "propagation.csv")
     assert prop.plan.iloc[0] == "full_reuse" and prop.n_groups.iloc[-1] == 1 and prop.n_groups.iloc[1] >= 2
     assert (prop.out_err_mean >= 0).all()
+    multi = prop[prop.n_groups >= 2]  # each beside one contiguous group of as many layers (Fig. 10 at equal k)
+    k_of = dict(zip(prop.plan, prop.k))
+    assert multi.contiguous_twin.notna().all() and all(k_of[t] == k for t, k in zip(multi.contiguous_twin, multi.k))
+    pj = json.loads((base / "pyqa" / "propagation.json").read_text())
+    assert pj["target"] == "kl" and all(len(p["out_err_minus_twin"]) == 3 for p in pj["plans"] if p["contiguous_twin"])
     tr = pd.read_csv(base / "transfer.csv")
     assert set(tr.source) == set(tr.target) == {"pyqa", "pysum", "pycode"}
     assert (tr[tr.source == tr.target].gap == 0).all()  # a dataset's own frontier has no gap to itself
