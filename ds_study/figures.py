@@ -193,11 +193,13 @@ def fig_spread(ax, m: dict, df) -> None:
             "output error: several transition points vs one contiguous group", meta="propagation.json",
             layers_in_title=True)
 def fig_propagation(ax, m: dict, df) -> None:
-    """Fig. 10: output error and quality, critical layers as separate groups vs one contiguous group."""
+    """Fig. 10: output error and quality, the chosen layers as separate groups, merged step by step, and
+    each multi-group plan's contiguous twin (one group of as many layers)."""
     x = range(len(df))
     ax.bar(x, df.out_err_mean, color="C1", yerr=[df.out_err_mean - df.out_err_p25, df.out_err_p75 - df.out_err_mean],
            capsize=3, label="output error (mean, p25-p75)")
-    ax.set_xticks(list(x), [f"{g}\n{t} trans." for g, t in zip(df.groups, df.transitions)], fontsize=7)
+    ax.set_xticks(list(x), [f"{g}\nk={k}, {t} trans." for g, k, t in zip(df.groups, df.k, df.transitions)],
+                  fontsize=7)  # the contiguous twins (as many layers in one group) follow the merge chain
     ax.set_ylabel("relative L2 of final hidden states")
     ax2 = ax.twinx()
     ax2.plot(list(x), df.score, "o-", color="C0", label=m["metric_label"])
