@@ -139,8 +139,10 @@ class Study:
             print(f"  quality {d:<8} " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         return out
 
-    def sensitivity(self, dataset: str, verbose: bool = True) -> dict:
-        """Fig. 7 + 8: quality when only layer i reads the sender's KV; critical layers; per-input spread."""
+    def sensitivity(self, dataset: str, verbose: bool = True, write: bool = True) -> dict:
+        """Fig. 7 + 8: quality when only layer i reads the sender's KV; critical layers; per-input spread.
+        ``write=False``: only the result, for a job that builds on it (its files stay the sensitivity
+        job's own, with that job's command)."""
         sc = self.cfg.study.sensitivity
         task, examples, ev = self.context(dataset)
         base, base_by_id = self.base(dataset)
@@ -152,7 +154,8 @@ class Study:
                                 "full_prefill": 100 * base_by_id[r["id"]],
                                 "change": 100 * (r["score"] - base_by_id[r["id"]])}
                                for i, p in enumerate(plans) for r in rows[p.name]])
-        per_ex.to_csv(self.out(dataset, "sensitivity_per_example.csv"), index=False)
+        if write:
+            per_ex.to_csv(self.out(dataset, "sensitivity_per_example.csv"), index=False)
         g = per_ex.groupby("layer")["change"]
         table = pd.DataFrame({"layer": range(self.L), "score": layer_scores,
                               "rel_drop": [round(1 - s / base, 4) if base else 0.0 for s in layer_scores],
@@ -161,7 +164,8 @@ class Study:
         for q in sc.percentiles:
             table[f"change_p{q}"] = g.quantile(q / 100).values
         table["frac_inputs_changed"] = g.apply(lambda c: float((c != 0).mean())).values
-        table.to_csv(self.out(dataset, "sensitivity.csv"), index=False)
+        if write:
+            table.to_csv(self.out(dataset, "sensitivity.csv"), index=False)
         res = {**self.meta(task, examples), "full_prefill": base, "layer_scores": layer_scores,
                "critical_layers": crit, "critical_threshold": sc.critical_threshold,
                "critical_mode": sc.critical_mode}
@@ -178,7 +182,8 @@ class Study:
             res["stability"] = {t: frontier.ranking_reliability(
                 {p.name: [metrics.example_value(r, t) for r in rows[p.name]] for p in plans}) for t in metrics.TARGETS}
         res["prediction"] = self.label_free(dataset, by_target)
-        runner.write_json(self.out(dataset, "sensitivity.json"), res)
+        if write:
+            runner.write_json(self.out(dataset, "sensitivity.json"), res)
         if verbose:
             label = res["metric_label"]
             print(f"  sensitivity {dataset}: full prefill {base:.2f} {label}; per layer "
@@ -194,7 +199,7 @@ class Study:
         """Fig. 10: the same critical layers as separate groups vs merged into one contiguous group."""
         pc = self.cfg.study.propagation
         task, examples, ev = self.context(dataset)
-        sens = self.sensitivity(dataset, verbose=False)
+        sens = self.sensitivity(dataset, verbose=False, write=False)
         target = str(pc.get("target") or "task")
         by = sens.get("by_target", {}).get(target) or {"layer_scores": sens["layer_scores"],
                                                         "critical_layers": sens["critical_layers"]}
