@@ -127,7 +127,10 @@ def selected(root: Path, pair: str) -> str | None:
     if s is None or "exhaustive" not in s:
         return None
     g = min(s["exhaustive"], key=int)
-    return "; ".join(f"delta {x['delta']:g}: {x['k']}/{s['n_layers']}" for x in s["exhaustive"][g]["selected"])
+    rel = ((s["exhaustive"][g].get("reliability") or {}).get(s.get("target", "task")) or {}).get("spearman_median")
+    return ("; ".join(f"delta {x['delta']:g}: {x['k']}/{s['n_layers']}" for x in s["exhaustive"][g]["selected"])
+            + f" (by {s.get('target', 'task')}, n={s['n_examples']}"
+            + (f", plan-ranking reliability {rel:.2f})" if rel is not None else ")"))
 
 
 def greedy_goal(root: Path, pair: str) -> str | None:
