@@ -199,7 +199,7 @@ def fig_propagation(ax, m: dict, df) -> None:
     ax.bar(x, df.out_err_mean, color="C1", yerr=[df.out_err_mean - df.out_err_p25, df.out_err_p75 - df.out_err_mean],
            capsize=3, label="output error (mean, p25-p75)")
     ax.set_xticks(list(x), [f"{g}\nk={k}, {t} trans." for g, k, t in zip(df.groups, df.k, df.transitions)],
-                  fontsize=7)  # the contiguous twins (as many layers in one group) follow the merge chain
+                  fontsize=6, rotation=30, ha="right")  # the contiguous twins (one group, as many layers) follow the chain
     ax.set_ylabel("relative L2 of final hidden states")
     ax2 = ax.twinx()
     ax2.plot(list(x), df.score, "o-", color="C0", label=m["metric_label"])
