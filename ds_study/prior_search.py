@@ -24,7 +24,8 @@ import random
 from pathlib import Path
 
 from ds_study import metrics
-from ds_study.frontier import budget_frontier, candidate_groups, frontier, n_exhaustive, plan_of, ranking_reliability
+from ds_study.frontier import (Point, budget_frontier, candidate_groups, frontier, n_exhaustive, plan_of,
+                               ranking_reliability)
 from ds_study.runner import REPO_ROOT
 from ds_study.search import PRIORS, greedy, greedy_evaluations, layer_prior
 
@@ -90,9 +91,7 @@ def evaluations_to_frontier(scores: dict[tuple, float], n_layers: int, g: int, p
     return {**out, "evaluations": None}
 
 
-def _point(groups, score, n_layers):
-    from ds_study.frontier import Point
-
+def _point(groups, score, n_layers) -> Point:
     return Point(plan_of(groups, n_layers).name, tuple(groups), score)
 
 
