@@ -6,15 +6,12 @@ import torch
 from ds_study import batched, data, runner
 from ds_study.deviation import rel_l2
 from ds_study.plans import parse_plan
-from ds_study.pair import load_pair
+from tiny_pair import fixture_examples
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.set_num_threads(1)
-    pair = load_pair("zoo:code", "zoo:qa")
-    task = data.TASKS["pycode"]
-    examples = runner.prepare(pair, task, data.load_records("pycode", "profile", limit=4), 1024)
+    pair, task, examples = fixture_examples(4)
     # different context and suffix lengths, so the padding paths are exercised
     items = [batched.Item(ex.prompt.prefix_ids[: 200 + 37 * k], ex.prompt.suffix_ids,
                           data.answer_ids(pair.tokenizer, task, ex.record["answers"][0])) for k, ex in enumerate(examples)]

@@ -2,11 +2,10 @@
 plan parser, the batch-1 executor, the batched evaluator and the Evaluator's cells all run it."""
 
 import pytest
-import torch
+from tiny_pair import fixture_examples
 
 from ds_study import batched, data, runner
 from ds_study.executor import capture
-from ds_study.pair import load_pair
 from ds_study.plans import Plan, PlanError, PlanKind, parse_plan, plan_kinds, register_plan_kind, unregister_plan_kind
 
 
@@ -42,11 +41,7 @@ def registered():
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.set_num_threads(1)
-    pair = load_pair("zoo:code", "zoo:qa")
-    task = data.TASKS["pycode"]
-    examples = runner.prepare(pair, task, data.load_records("pycode", "profile", limit=3), 1024)
-    return pair, task, examples
+    return fixture_examples(3)
 
 
 def test_unknown_plan_lists_every_registered_syntax(registered):

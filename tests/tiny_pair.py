@@ -75,3 +75,15 @@ def compose(config_name: str, overrides: list[str]):
 def pair_overrides(receiver: Path, sender: Path, tmp: Path) -> list[str]:
     return [f"model_pair.receiver={receiver}", f"model_pair.sender={sender}", "model_pair.name=tinytest", "model_pair.task=pyqa",
             "max_length=256", f"results_root={tmp / 'runs'}", f"cells_root={tmp / 'cells'}"]
+
+
+def fixture_examples(limit: int, task_name: str = "pycode"):
+    """The committed 2M fixture pair (zoo:code <- zoo:qa), one thread, and its first ``limit`` profiling
+    examples of ``task_name``: (pair, task, examples)."""
+    from ds_study import data
+    from ds_study.pair import load_pair
+
+    torch.set_num_threads(1)
+    pair = load_pair("zoo:code", "zoo:qa")
+    task = data.TASKS[task_name]
+    return pair, task, runner.prepare(pair, task, data.load_records(task_name, "profile", limit=limit), 1024)
