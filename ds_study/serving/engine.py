@@ -39,7 +39,8 @@ class Engine:
     final pass runs the layers before them. ``e_chunk_tokens``: streaming strategies start a recompute
     group once the first this-many token rows of its E have arrived, and go on chunk by chunk as E
     streams in (host-memory loaders report progress per link chunk; 0: wait for the whole E, as the
-    paper's schedule).
+    paper's schedule). ``keep_cache``: each result carries the cache its decoding ran on
+    (``RequestResult.cache``), for a server that decodes on in a batch (``serving.server``).
 
     ``loader``: what moves the items, a name in the registry (``ds_study.serving.loaders.LOADERS``),
     made fresh for every run with ``loader_options`` as its constructor's arguments. ``"process"``:
@@ -54,7 +55,7 @@ class Engine:
     def __init__(self, store: KVStore | None, link: Link | None, timeout_s: float = 30.0, device=None,
                  verify: bool = True, gil_switch_s: float | None = 2e-4, e_chunk_tokens: int = 64,
                  suffix_graphs: bool | None = None, overlap_recompute: bool = True, loader: str = "auto",
-                 loader_options: dict | None = None):
+                 loader_options: dict | None = None, keep_cache: bool = False):
         if loader not in loader_names():
             raise EngineError(f"unknown loader {loader!r}; use one of {', '.join(loader_names())}")
         self.store, self.link, self.timeout_s, self.verify = store, link, timeout_s, verify
@@ -65,6 +66,8 @@ class Engine:
         self.suffix_graphs = (self.device is not None and self.device.type == "cuda") if suffix_graphs is None \
             else suffix_graphs
         self.overlap_recompute = overlap_recompute
+        self.keep_cache = keep_cache  # results carry the cache decoding ran on (a server decodes on from it)
+        self.in_flight: list[Arrivals] = []  # the current run's arrivals: a server fails them if a sender dies
 
     def run(self, requests: list[Request], strategy: str) -> list[RequestResult]:
         previous = sys.getswitchinterval()
@@ -108,18 +111,20 @@ class Engine:
     def _serve(self, jobs: list[Job], arrivals: list[Arrivals], loader: Loader) -> list[RequestResult]:
         """Start the loader's clock, serve every request in arrival order on this thread, then stop it."""
         t0 = time.perf_counter()
+        self.in_flight = arrivals
         loader.start(t0)
         results = []
         try:
             for job, arr in zip(jobs, arrivals):
                 sleep_until(t0 + job.request.arrival)
                 res = execute(job.request, job.strategy, job.plan, arr, self.timeout_s, self.e_chunk_tokens,
-                              self.suffix_graphs, self.overlap_recompute)
+                              self.suffix_graphs, self.overlap_recompute, self.keep_cache)
                 res.loader = loader.name if arr.items else ""
                 results.append(res)
         finally:  # also when a request raised: release a loader waiting for a prefill that will not come
             for arr in arrivals:
                 arr.cancelled.set()
                 arr.prefilled.set()
+            self.in_flight = []
             loader.finish(results)
         return results

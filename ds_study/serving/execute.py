@@ -114,7 +114,8 @@ class LayerClock:
 def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: LayerClock, recomputed: dict,
                         fetch_e_rows=None, chunk: int = 0, graphs: bool = False, overlap: bool = True):
     """Recompute the plan's groups (E from ``fetch_e``), then the final pass over all layers, taking
-    reused layers' K/V from ``fetch_kv`` as they arrive, then greedy decoding.
+    reused layers' K/V from ``fetch_kv`` as they arrive, then greedy decoding. Returns the decoded
+    tokens and the cache the decoding ran on (every prompt token's K/V, plus the generated ones').
 
     With ``graphs`` the final pass runs as ``SuffixGraphs``. On CUDA, with ``overlap``, the groups recompute on a
     side stream while the final pass runs on a high-priority one: the suffix's way through the
@@ -181,11 +182,11 @@ def _prefill_and_decode(req: Request, plan: Plan, fetch_e, fetch_kv, clock: Laye
         clock.phase = None
         cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in g.cache.layers],
                              config=model.config)
-        return greedy_after(model, cache, hidden, req.max_new_tokens, req.eos_token_id, logits=logits)
+        return greedy_after(model, cache, hidden, req.max_new_tokens, req.eos_token_id, logits=logits), cache
     clock.phase = "final"
     out = decode(model, [], suffix, req.max_new_tokens, req.eos_token_id, cache=cache, prepared=prepared)
     clock.phase = None
-    return out
+    return out, cache
 
 
 _STREAMS: dict = {}
@@ -201,14 +202,16 @@ def _overlap_streams(device) -> tuple:
 
 @torch.no_grad()
 def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout_s: float,
-            e_chunk_tokens: int = 0, graphs: bool = False, overlap: bool = True) -> RequestResult:
+            e_chunk_tokens: int = 0, graphs: bool = False, overlap: bool = True,
+            keep_cache: bool = False) -> RequestResult:
     """Serve one request on the calling thread while a loader fills ``arrivals``.
 
     Non-streaming strategies wait for every item first; streaming ones wait for each E just before
     its group (with ``e_chunk_tokens``, only for the E rows of the next token chunk, where the
     loader reports partial progress) and for each layer's KV just before the final pass reaches it. A failed or timed-out
     transfer falls back to the receiver's own full prefill; rejected entries are recomputed under
-    ``repair_plan``. Either is recorded in the result.
+    ``repair_plan``. Either is recorded in the result. ``keep_cache``: hand the cache decoding ran on
+    to the result (``RequestResult.cache``), so a server can go on decoding the request in a batch.
     """
     t0, n = arrivals.t0, req.model.config.num_hidden_layers
     spans: list[Span] = []
@@ -253,7 +256,7 @@ def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout
                         spans.append(Span(req.name, "wait", start, arrivals.now()))
                     if arrivals.rejected:
                         raise EntryRejected(next(iter(arrivals.rejected)), "checksum mismatch")
-                out = _prefill_and_decode(req, plan, fetch_e, fetch_kv, clock, recomputed, *stream, **fast)
+                out, cache = _prefill_and_decode(req, plan, fetch_e, fetch_kv, clock, recomputed, *stream, **fast)
             except EntryRejected:
                 arrivals.wait_all(timeout_s)  # know every rejected entry before replanning
                 bad_kv = [it.layer for it in arrivals.rejected if it.kind == "kv"]
@@ -262,17 +265,19 @@ def execute(req: Request, strategy: str, plan: Plan, arrivals: Arrivals, timeout
                 result.rejected = sorted(it.name for it in arrivals.rejected)
                 result.repaired_plan = fixed.name
                 clock.phase, clock.first_token_at = None, None
-                out = _prefill_and_decode(req, fixed, fetch_e, fetch_kv, clock, recomputed, **fast)
+                out, cache = _prefill_and_decode(req, fixed, fetch_e, fetch_kv, clock, recomputed, **fast)
         except TransferFailed as e:
             arrivals.cancelled.set()
             result.fallback, result.reason = "full_prefill", str(e)
             spans.append(Span(req.name, "fallback", arrivals.now(), arrivals.now()))
             clock.phase, clock.first_token_at = None, None
-            out = _prefill_and_decode(req, parse_plan("full_prefill", n), None, None, clock, {}, **fast)
+            out, cache = _prefill_and_decode(req, parse_plan("full_prefill", n), None, None, clock, {}, **fast)
     arrivals.prefilled_at = t0 + (clock.first_token_at if clock.first_token_at is not None else arrivals.now())
     arrivals.prefilled.set()
     result.ttft = (clock.first_token_at if clock.first_token_at is not None else arrivals.now()) - req.arrival
     result.token_ids, result.first_logits = out.token_ids, out.first_logits
+    if keep_cache:
+        result.cache = cache
     arrivals.settle()  # what a worker process reported while nobody waited
     result.bytes_loaded = arrivals.bytes
     result.spans = sorted(arrivals.spans + spans, key=lambda s: (s.start, s.end))

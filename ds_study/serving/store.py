@@ -135,6 +135,20 @@ class KVStore:
         self._mem.pop(key, None)
         return True
 
+    def drop_owner(self, owner: str) -> int:
+        """Forget every in-memory entry a model computed (a sender replica that died); how many."""
+        gone = [k for k in list(self._mem) if k.owner == owner]
+        for k in gone:
+            self._mem.pop(k, None)
+        return len(gone)
+
+    def drop_context(self, context: str) -> int:
+        """Forget every in-memory entry of one context (``context_hash``) once nobody will read it."""
+        gone = [k for k in list(self._mem) if k.context == context]
+        for k in gone:
+            self._mem.pop(k, None)
+        return len(gone)
+
     def checksum(self, key: EntryKey) -> str:
         entry = self._mem.get(key) or self._from_disk(key)
         if entry is None:

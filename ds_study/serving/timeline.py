@@ -58,9 +58,10 @@ class RequestResult:
     spans: list[Span] = field(default_factory=list)
     first_logits: torch.Tensor | None = None
     loader: str = ""  # what moved the items: "process" (link worker), "thread", or "" (none / given)
+    cache: object | None = None  # the cache decoding ran on, when the engine was asked to keep it
 
     def to_json(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("spans", "first_logits")}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("spans", "first_logits", "cache")}
         out["spans"] = [s.to_json() for s in self.spans]
         return out
 
