@@ -6,11 +6,13 @@
 
 Per (rate, strategy) it serves the same workload (``serving.workload``: same seed, same contexts)
 on a fresh ``serving.Server`` and writes, into the run directory, the request log
-(``requests/<strategy>@<rate>.jsonl``, one line per request with every token's time) and its
+(``requests/<strategy>@<rate>.jsonl``, one line per request with every token's time), what each
+server iteration ran and for how long (``iterations/...``, the simulator's calibration) and its
 summary (``runs/<strategy>@<rate>.json``: TTFT / TPOT / ITL / E2E mean, median, p90, p99,
 throughput and goodput at the TTFT SLO; ``serving.report``). A finished (rate, strategy) run is
 never redone: ``run_dir=`` resumes. ``summary.json`` and ``table.txt`` gather them;
-``serve.publish=true`` also writes ``results/serving/<pair>/<serve.name>.json`` for the figures.
+``serve.publish=true`` also copies them to ``results/serving/<pair>/<serve.name>/`` (committed:
+what the figures and the simulator's validation read).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def label(strategy: str, rate: float) -> str:
 
 def serve_once(cfg: DictConfig, pair, prompts: list, strategy: str, rate: float, n_contexts: int | None = None,
                faults: list[Fault] = (), progress: bool = True):
-    """One workload on a fresh server: the request records."""
+    """One workload on a fresh server: its request records and its iteration log (``Server.iterations``)."""
     eos = () if cfg.ignore_eos else [pair.tokenizer.eos_token_id]
     n = n_contexts or cfg.n_contexts
     requests = paired_requests(prompts, rate, n, cfg.delay_s, cfg.max_new_tokens, cfg.burstiness, cfg.seed,
@@ -96,7 +98,7 @@ def serve_once(cfg: DictConfig, pair, prompts: list, strategy: str, rate: float,
         bar.set_postfix(waiting=waiting, refresh=False)
 
     try:
-        return server.run(requests, faults, report)
+        return server.run(requests, faults, report), server.iterations
     finally:
         bar.close()
 
@@ -124,10 +126,11 @@ def main(cfg: DictConfig, pair=None) -> dict:
                 serve_once(cfg, pair, prompts, strategy, 100.0, n_contexts=1, progress=False)
                 warmed.add(strategy)
             t = time.perf_counter()
-            records = serve_once(cfg, pair, prompts, strategy, rate, faults=faults_of(cfg))
+            records, iterations = serve_once(cfg, pair, prompts, strategy, rate, faults=faults_of(cfg))
             summary = summarize(records, cfg.slo_ttft_s)
             write_jsonl(run / "requests" / f"{label(strategy, rate)}.jsonl", [r.to_json() for r in records],
                         quiet=True)
+            write_jsonl(run / "iterations" / f"{label(strategy, rate)}.jsonl", iterations, quiet=True)
             write_json(out, {"strategy": strategy, "rate": rate, "plan": str(cfg.plan) if strategy == "droidspeak"
                              else strategy, "seconds": round(time.perf_counter() - t, 1), **summary}, quiet=True)
             rs = summary["receiver"]
@@ -143,10 +146,27 @@ def main(cfg: DictConfig, pair=None) -> dict:
     write_json(run / "summary.json", result)
     write_text(run / "table.txt", "\n\n".join(table(r, label(r["strategy"], r["rate"])) for r in runs) + "\n")
     if cfg.serve.publish:
-        dest = Path(cfg.results_root).parent / "serving" / cfg.model_pair.name / f"{cfg.serve.name}.json"
-        write_json(dest, result)
+        publish(run, Path(cfg.results_root).parent / "serving" / cfg.model_pair.name / cfg.serve.name)
     print(f"serving done; results in {run}")
     return result
+
+
+def publish(run: Path, dest: Path) -> Path:
+    """``serve.publish=true``: copy the run's summary, table, per-run summaries, request and iteration logs
+    to ``dest`` (committed results: what the figures and ``ds_study.sim_study`` read)."""
+    import shutil
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for part in ("summary.json", "table.txt", "runs", "requests", "iterations"):
+        src = run / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part)
+        elif src.exists():
+            shutil.copyfile(src, dest / part)
+    print(f"published the serving run to {dest}")
+    return dest
 
 
 @hydra_main("serve")

@@ -13,7 +13,16 @@ send_reused, pipelined, and full_prefill / full_reuse at the two ends). One modu
 - ``execute``   one request on the compute thread, with fallback and repair;
 - ``loaders``   what moves the items: the ``Loader`` interface, its registry, and the thread,
                 link worker process and torch.distributed loaders;
-- ``engine``    the facade, ``Engine.run``.
+- ``engine``    the facade, ``Engine.run``;
+
+and, for many requests under load (docs/serving.md):
+
+- ``workload``  Poisson / gamma arrivals of paired sender and receiver requests;
+- ``batch``     iteration-level batching: one decode step of every running request per forward;
+- ``server``    the serving loop with both models, the shared store, strategies and faults;
+- ``report``    TTFT / TPOT / ITL / E2E percentiles, throughput and goodput at an SLO;
+- ``load_sim``  the serving loop as a discrete-event simulation (simpy), with measured costs;
+- ``adapt``     runtime plan adaptation to load (paper §4.4) and to the measured bandwidth.
 
 Every run records, per request and per layer, when loads and computation started and ended and
 how long anything waited. The public names are exported here.

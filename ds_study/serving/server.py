@@ -93,6 +93,7 @@ class Server:
         self.replicas = replicas
         self.dead: set[int] = set()
         self._current: ServeRequest | None = None  # the receiver request in the engine now
+        self.iterations: list[dict] = []  # what each iteration ran and how long it took (the simulator's calibration)
         self._armed: dict[str, Fault] = {}  # request name -> the kill its prefill sets off
         self._timers: list[threading.Timer] = []
         self._readers: dict[str, int] = {}  # context hash -> receiver requests still to read its entries
@@ -205,17 +206,23 @@ class Server:
                 if waiting and len(batches[waiting[0].role]) < self.max_batch:
                     busy = True
                     req = waiting.popleft()
+                    start = clock()
                     rec, first, layers = self._prefill(req, clock, corrupt)
+                    self.iterations.append({"op": "prefill", "role": req.role, "served_as": rec.served_as,
+                                            "tokens": rec.n_prompt_tokens, "start": start, "end": clock()})
                     if first in req.eos or req.max_new_tokens <= 1:
                         done.append(rec)
                     else:
                         batches[req.role].join(Row(rec, first, rec.n_prompt_tokens, req.max_new_tokens - 1, req.eos),
                                                layers)
-                for b in batches.values():
+                for role, b in batches.items():
                     if len(b):
                         busy = True
+                        start, width, size = clock(), b.mask.shape[1], len(b)
                         stepped = b.step()
                         now = clock()
+                        self.iterations.append({"op": "decode", "role": role, "batch": size, "width": width,
+                                                "start": start, "end": now})
                         for row, tok, finished in stepped:
                             if tok is not None:
                                 row.key.token_ids.append(tok)
