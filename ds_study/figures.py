@@ -376,30 +376,39 @@ SERVE_COLORS = {"full_prefill": "tab:red", "full_reuse": "tab:purple", "cacheble
         "the real serving loop on CPU: receiver TTFT and goodput at the TTFT SLO against request rate, per strategy")
 def fig_cpu_serving(files: list[Path], out: Path, formats) -> list[Path]:
     """Fig. 15 on CPU: receiver TTFT (mean, p90 dashed) and goodput against the rate, per strategy."""
+    return _two_panels(files, out, formats, _draw_cpu_serving, lambda f: f"{f.parent.parent.name}_{f.parent.name}")
+
+
+def _two_panels(files: list[Path], out: Path, formats, draw, stem) -> list[Path]:
+    """One figure of two side-by-side panels per result file, ``draw(left, right, result, fig)``, saved
+    as ``<out>_<stem(file)>``."""
     paths = []
     for f in files:
-        d = _json(f)
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-        for strategy in dict.fromkeys(r["strategy"] for r in d["runs"]):
-            runs = sorted((r for r in d["runs"] if r["strategy"] == strategy), key=lambda r: r["rate"])
-            rates = [r["rate"] for r in runs]
-            c = SERVE_COLORS.get(strategy)
-            label = strategy + (f" ({d['settings']['plan']})" if strategy == "droidspeak" else "")
-            a.plot(rates, [r["receiver"]["ttft_ms"]["mean"] / 1e3 for r in runs], "o-", c=c, label=label)
-            a.plot(rates, [r["receiver"]["ttft_ms"]["p90"] / 1e3 for r in runs], "--", c=c, alpha=0.5)
-            b.plot(rates, [r["receiver"]["goodput"] for r in runs], "o-", c=c, label=label)
-        a.axhline(d["settings"]["slo_ttft_s"], c="gray", ls=":", label="TTFT SLO")
-        a.set_xlabel("contexts per second (each: sender + receiver request)")
-        a.set_ylabel("receiver TTFT (s): mean, p90 dashed")
-        b.set_xlabel("contexts per second")
-        b.set_ylabel("receiver goodput (req/s within the SLO)")
-        for ax in (a, b):
-            ax.grid(alpha=0.3)
-        a.legend(fontsize=7)
-        fig.suptitle(f"Serving {d['pair']} on CPU, {d['settings']['n_contexts']} contexts per run, "
-                     f"{d['settings']['max_new_tokens']} output tokens, link {d['settings']['gbps']} Gbit/s", fontsize=9)
-        paths += save(fig, out.with_name(f"{out.name}_{f.parent.parent.name}_{f.parent.name}"), formats)
+        draw(a, b, _json(f), fig)
+        paths += save(fig, out.with_name(f"{out.name}_{stem(f)}"), formats)
     return paths
+
+
+def _draw_cpu_serving(a, b, d: dict, fig) -> None:
+    for strategy in dict.fromkeys(r["strategy"] for r in d["runs"]):
+        runs = sorted((r for r in d["runs"] if r["strategy"] == strategy), key=lambda r: r["rate"])
+        rates = [r["rate"] for r in runs]
+        c = SERVE_COLORS.get(strategy)
+        label = strategy + (f" ({d['settings']['plan']})" if strategy == "droidspeak" else "")
+        a.plot(rates, [r["receiver"]["ttft_ms"]["mean"] / 1e3 for r in runs], "o-", c=c, label=label)
+        a.plot(rates, [r["receiver"]["ttft_ms"]["p90"] / 1e3 for r in runs], "--", c=c, alpha=0.5)
+        b.plot(rates, [r["receiver"]["goodput"] for r in runs], "o-", c=c, label=label)
+    a.axhline(d["settings"]["slo_ttft_s"], c="gray", ls=":", label="TTFT SLO")
+    a.set_xlabel("contexts per second (each: sender + receiver request)")
+    a.set_ylabel("receiver TTFT (s): mean, p90 dashed")
+    b.set_xlabel("contexts per second")
+    b.set_ylabel("receiver goodput (req/s within the SLO)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=7)
+    fig.suptitle(f"Serving {d['pair']} on CPU, {d['settings']['n_contexts']} contexts per run, "
+                 f"{d['settings']['max_new_tokens']} output tokens, link {d['settings']['gbps']} Gbit/s", fontsize=9)
 
 
 @json_figure("fig15_h200_sim", "Fig. 15", "serving/fig15_h200_llama3_8b.json",
@@ -426,30 +435,28 @@ def fig_h200_serving(ax, d: dict) -> None:
         "policies, and against link bandwidth for load-only and bandwidth-aware adaptation")
 def fig_adaptation(files: list[Path], out: Path, formats) -> list[Path]:
     """Fig. 21: SLO violation rate against mean KL (fixed plans, adaptation), and against bandwidth."""
-    paths = []
-    for f in files:
-        d = _json(f)
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-        a.plot([p["mean_kl"] for p in d["fixed"]], [p["slo_violation"] for p in d["fixed"]], "o-", c="gray",
-               label="fixed plans (k = 0 .. all layers)")
-        for p, m in zip(d["adaptive"], ("*", "P")):
-            a.scatter([p["mean_kl"]], [p["slo_violation"]], marker=m, s=120, zorder=3, label=p["policy"])
-        a.axvline(d["kl_target"], c="gray", ls=":", label="KL target")
-        a.set_xlabel("mean KL from the receiver's full prefill (lower is better)")
-        a.set_ylabel("SLO violation rate")
-        for policy, c in (("adaptive (load)", "tab:orange"), ("adaptive (load + bandwidth)", "tab:blue")):
-            pts = sorted((p for p in d["bandwidth_sweep"] if p["policy"] == policy), key=lambda p: p["gbps"])
-            b.plot([p["gbps"] for p in pts], [p["slo_violation"] for p in pts], "o-", c=c, label=policy)
-        b.set_xscale("log")
-        b.set_xlabel("link bandwidth (Gbit/s)")
-        b.set_ylabel("SLO violation rate")
-        for ax in (a, b):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"Adaptation, {d['pair']} costs (simulated), {d['rate']:.3f} contexts/s, burstiness "
-                     f"{d['burstiness']}, SLO {d['slo_ttft_s']} s", fontsize=9)
-        paths += save(fig, out.with_name(f"{out.name}_{f.parent.name}"), formats)
-    return paths
+    return _two_panels(files, out, formats, _draw_adaptation, lambda f: f.parent.name)
+
+
+def _draw_adaptation(a, b, d: dict, fig) -> None:
+    a.plot([p["mean_kl"] for p in d["fixed"]], [p["slo_violation"] for p in d["fixed"]], "o-", c="gray",
+           label="fixed plans (k = 0 .. all layers)")
+    for p, m in zip(d["adaptive"], ("*", "P")):
+        a.scatter([p["mean_kl"]], [p["slo_violation"]], marker=m, s=120, zorder=3, label=p["policy"])
+    a.axvline(d["kl_target"], c="gray", ls=":", label="KL target")
+    a.set_xlabel("mean KL from the receiver's full prefill (lower is better)")
+    a.set_ylabel("SLO violation rate")
+    for policy, c in (("adaptive (load)", "tab:orange"), ("adaptive (load + bandwidth)", "tab:blue")):
+        pts = sorted((p for p in d["bandwidth_sweep"] if p["policy"] == policy), key=lambda p: p["gbps"])
+        b.plot([p["gbps"] for p in pts], [p["slo_violation"] for p in pts], "o-", c=c, label=policy)
+    b.set_xscale("log")
+    b.set_xlabel("link bandwidth (Gbit/s)")
+    b.set_ylabel("SLO violation rate")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Adaptation, {d['pair']} costs (simulated), {d['rate']:.3f} contexts/s, burstiness "
+                 f"{d['burstiness']}, SLO {d['slo_ttft_s']} s", fontsize=9)
 
 
 def _commands(files: list[Path]) -> list[str]:
