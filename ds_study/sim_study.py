@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from ds_study.runner import REPO_ROOT
 from ds_study.serving.adapt import BandwidthAwarePolicy, FixedPolicy, LoadPolicy, Point
 from ds_study.serving.load_sim import Costs, calibrate, simulate_serving
 from ds_study.serving.report import summarize
-from ds_study.serving.workload import ServeRequest, arrival_times
+from ds_study.serving.workload import ServeRequest, arrival_times, paired_requests
 
 OUT = REPO_ROOT / "results" / "serving"
 GPU = REPO_ROOT / "results" / "engine" / "gpu_pipeline_h200.json"
@@ -285,11 +286,9 @@ def fig21(run: Path, out: Path = OUT, dataset: str = "pysum", rate: float | None
 
 
 def paired(rate, n, tokens, delay_s, max_new, burstiness, seed) -> list[ServeRequest]:
-    out = []
-    for i, t in enumerate(arrival_times(rate, n, burstiness, seed)):
-        out.append(ServeRequest(f"s{i}", "sender", i, list(range(tokens)), [], t, max_new))
-        out.append(ServeRequest(f"r{i}", "receiver", i, list(range(tokens)), [], t + delay_s, max_new))
-    return out
+    """The server's paired workload (``workload.paired_requests``) over contexts of ``tokens`` tokens."""
+    context = SimpleNamespace(prefix_ids=range(tokens), suffix_ids=[])
+    return paired_requests([context], rate, n, delay_s, max_new, burstiness, seed)
 
 
 def main(argv=None) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -72,7 +72,7 @@ class Costs:
         return a + b * batch + c * batch * width
 
     def to_json(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        return asdict(self)
 
 
 def _line(xs, ys) -> tuple[list[float], list[float]]:
